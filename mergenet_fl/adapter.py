@@ -1,0 +1,357 @@
+"""LPKA: the low-rank parametric knowledge adapter (MergeNet eq. 3 and 6), server side.
+
+A target layer's factors ``A: (m, R)``, ``B: (R, n)`` attend to the factors of its sources.
+Each factor is read as a token sequence in two ways:
+
+========  ===========================  ===========================
+factor    ``rows``                     ``cols``
+========  ===========================  ===========================
+``A``     ``m`` tokens of width ``R``  ``R`` tokens of width ``m``
+``B``     ``R`` tokens of width ``n``  ``n`` tokens of width ``R``
+========  ===========================  ===========================
+
+Rows of ``A`` and columns of ``B`` have width ``R`` for every layer of every model: their
+projections are shared by all layers. The other two readings need a projection per width,
+created from the shapes that clients report (:meth:`LPKA.register_shapes`).
+
+A knowledge-transfer layer (KTL) lets the target's ``A`` attend to the sources' ``A`` and the
+target's ``B`` to the sources' ``B``, for the four (query reading, key reading) combinations,
+and mixes the four results with softmax weights ``λ`` (paper eq. 6). Every branch ends in a
+zero-initialised projection added to its input (pre-norm residual), so an untrained adapter
+returns the target's factors exactly.
+
+Variants (the paper's ablations): ``lpka`` (four combinations, learned ``λ``), ``avg`` (four,
+plain mean), ``rows`` (rows attend to rows only), ``mlp`` (no attention: an MLP of the pooled
+source tokens gives the update, so the target's own factors do not shape it).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANTS = ("lpka", "avg", "rows", "mlp")
+READINGS = ("rows", "cols")
+FACTORS = ("A", "B")
+# The reading of each factor whose token width is the rank R (shared across layers).
+SHARED_READING = {"A": "rows", "B": "cols"}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Hyper-parameters of the adapter (defaults: the paper's reference configuration).
+
+    ``max_source_tokens`` caps the tokens a source layer contributes to a long reading (rows
+    of ``A``, columns of ``B``); ``None`` attends to every token, exactly as in the paper, at a
+    cost that grows with the layer sizes.
+    """
+
+    variant: str = "lpka"
+    rank: int = 8
+    dim: int = 64
+    heads: int = 4
+    layers: int = 2
+    max_source_tokens: int | None = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"AdapterConfig.variant={self.variant!r}; choose one of {VARIANTS}")
+        for name in ("rank", "dim", "heads", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AdapterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(
+                f"AdapterConfig.dim={self.dim} is not divisible by heads={self.heads}"
+            )
+        if self.max_source_tokens is not None and self.max_source_tokens < 1:
+            raise ValueError(
+                f"AdapterConfig.max_source_tokens must be >= 1 or None, "
+                f"got {self.max_source_tokens}"
+            )
+
+    @property
+    def combos(self) -> tuple[tuple[str, str], ...]:
+        """The (query reading, key reading) pairs the variant uses."""
+        if self.variant == "rows":
+            return (("rows", "rows"),)
+        return tuple((q, k) for q in READINGS for k in READINGS)
+
+
+def read(x: torch.Tensor, reading: str) -> torch.Tensor:
+    """Tokens of a factor ``(..., p, q)``: ``rows`` -> ``(..., p, q)``, ``cols`` -> ``(..., q, p)``."""
+    return x if reading == "rows" else x.transpose(-1, -2)
+
+
+def token_width(factor: str, reading: str, m: int, n: int, rank: int) -> int:
+    """Width of a token of ``factor`` (of an ``m x n`` layer) in ``reading``."""
+    if reading == SHARED_READING[factor]:
+        return rank
+    return m if factor == "A" else n
+
+
+def compress_tokens(tokens: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """At most ``max_tokens`` tokens from ``tokens: (L, w)``, deterministically.
+
+    Tokens are ordered by their first coordinate (the leading singular direction) and
+    averaged in ``max_tokens`` contiguous bins, so each kept token stands for similar ones.
+    """
+    if max_tokens is None or tokens.shape[0] <= max_tokens:
+        return tokens
+    order = torch.argsort(tokens[:, 0], stable=True)
+    pooled = F.adaptive_avg_pool1d(tokens[order].T.unsqueeze(0), max_tokens)
+    return pooled.squeeze(0).T.contiguous()
+
+
+@dataclass(frozen=True)
+class SourceTokens:
+    """The raw key tokens of a set of source layers, per (factor, reading).
+
+    ``tokens[(factor, reading)]`` is a list of ``(width, (L_w, width))`` groups, one per token
+    width, so that each group goes through its own width's projection. ``shapes`` lists the
+    ``(m_s, n_s)`` of the source layers (the adapter needs projections for them).
+    """
+
+    tokens: dict[tuple[str, str], list[tuple[int, torch.Tensor]]]
+    shapes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def build(
+        cls,
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        rank: int,
+        max_tokens: int | None,
+    ) -> SourceTokens:
+        """From source factors ``[(A_s: (m_s, R), B_s: (R, n_s)), ...]`` (at least one)."""
+        if not factors:
+            raise ValueError("a target needs at least one source layer")
+        groups: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {}
+        for a, b in factors:
+            for factor, x in (("A", a), ("B", b)):
+                for reading in READINGS:
+                    t = read(x, reading)
+                    if reading == SHARED_READING[factor]:
+                        t = compress_tokens(t, max_tokens)
+                    groups.setdefault((factor, reading), {}).setdefault(t.shape[1], []).append(t)
+        tokens = {
+            key: [(w, torch.cat(ts)) for w, ts in sorted(by_width.items())]
+            for key, by_width in groups.items()
+        }
+        return cls(tokens, tuple(dict.fromkeys((a.shape[0], b.shape[1]) for a, b in factors)))
+
+
+class WidthLinear(nn.Module):
+    """One ``nn.Linear`` per token width, created on registration, deterministically seeded.
+
+    ``to_dim=True`` maps ``width -> dim``; ``False`` maps ``dim -> width`` and starts at zero.
+    """
+
+    def __init__(self, dim: int, *, to_dim: bool, seed: int, path: str) -> None:
+        super().__init__()
+        self.dim, self.to_dim, self.seed, self.path = dim, to_dim, seed, path
+        self.by_width = nn.ModuleDict()
+
+    def register(self, width: int) -> list[nn.Parameter]:
+        """Create the projection for ``width`` if new; return the new parameters."""
+        key = str(width)
+        if key in self.by_width:
+            return []
+        layer = nn.Linear(width, self.dim) if self.to_dim else nn.Linear(self.dim, width)
+        if self.to_dim:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.path}:{key}".encode()))
+            bound = width**-0.5
+            with torch.no_grad():
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.zero_()
+        else:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.by_width[key] = layer
+        return list(layer.parameters())
+
+    def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``(..., width) -> (..., dim)``, or ``(..., dim) -> (..., width)`` when ``to_dim=False``."""
+        return self.by_width[str(x.shape[-1] if self.to_dim else width)](x)
+
+
+class Branch(nn.Module):
+    """Multi-head attention of one factor's query reading on one key reading of the sources."""
+
+    def __init__(self, cfg: AdapterConfig, path: str) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.q")
+        self.k = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.k")
+        self.v = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.v")
+        self.o = WidthLinear(cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o")
+
+    def forward(self, query: torch.Tensor, keys: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """``query: (N, Lq, w)``, key groups ``[(w_i, (L_i, w_i))]`` -> update ``(N, Lq, w)``."""
+        n, lq, w = query.shape
+        q = self.q(F.layer_norm(query, (w,)))
+        normed = [F.layer_norm(t, (wi,)) for wi, t in keys]
+        k = torch.cat([self.k(t) for t in normed])
+        v = torch.cat([self.v(t) for t in normed])
+        h, d = self.heads, q.shape[-1] // self.heads
+        # The keys are the same for every target of a batch: fold the batch into the queries.
+        q = q.reshape(1, n * lq, h, d).transpose(1, 2)
+        k = k.reshape(1, -1, h, d).transpose(1, 2)
+        v = v.reshape(1, -1, h, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(n, lq, h * d)
+        return self.o(out, w)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm residual MLP on the shared-width tokens; the output layer starts at zero."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(F.layer_norm(x, (x.shape[-1],)))))
+
+
+class TransferLayer(nn.Module):
+    """One KTL: ``x ← x + Σ_k λ_k · branch_k(x, sources)``, then the feed-forward block."""
+
+    def __init__(self, cfg: AdapterConfig, path: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.branches = nn.ModuleDict(
+            {
+                f"{f}_{qr}_{kr}": Branch(cfg, f"{path}.{f}_{qr}_{kr}")
+                for f in FACTORS
+                for qr, kr in cfg.combos
+            }
+        )
+        self.ffn = nn.ModuleDict({f: FeedForward(cfg.rank, cfg.dim) for f in FACTORS})
+        logits = torch.zeros(len(FACTORS), len(cfg.combos))
+        if cfg.variant == "lpka":
+            self.mix_logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("mix_logits", logits)
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for fi, (f, x) in enumerate((("A", a), ("B", b))):
+            lam = torch.softmax(self.mix_logits[fi], dim=0)
+            update = torch.zeros_like(x)
+            for ci, (qr, kr) in enumerate(self.cfg.combos):
+                delta = self.branches[f"{f}_{qr}_{kr}"](read(x, qr), sources.tokens[(f, kr)])
+                update = update + lam[ci] * read(delta, qr)
+            x = x + update
+            shared = SHARED_READING[f]
+            out.append(read(self.ffn[f](read(x, shared)), shared))
+        return out[0], out[1]
+
+
+class SourceMLP(nn.Module):
+    """The ``mlp`` ablation: pooled source tokens -> MLP -> a target-independent update."""
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        readings = [(f, r) for f in FACTORS for r in READINGS]
+        self.embed = nn.ModuleDict(
+            {
+                f"{f}_{r}": WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"mlp.{f}_{r}")
+                for f, r in readings
+            }
+        )
+        blocks = []
+        for _ in range(cfg.layers):
+            blocks += [nn.Linear(len(readings) * cfg.dim, len(readings) * cfg.dim), nn.GELU()]
+        self.mlp = nn.Sequential(*blocks)
+        self.head = nn.ModuleDict(
+            {f: WidthLinear(len(readings) * cfg.dim, to_dim=False, seed=cfg.seed, path=f"mlp.{f}")
+             for f in FACTORS}
+        )
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = []
+        for key, groups in sorted(sources.tokens.items()):
+            emb = self.embed[f"{key[0]}_{key[1]}"]
+            pooled.append(torch.cat([emb(F.layer_norm(t, (w,))) for w, t in groups]).mean(0))
+        z = self.mlp(torch.cat(pooled))
+        (m, r), n = a.shape[-2:], b.shape[-1]
+        delta_a = self.head["A"](z, m * r).reshape(m, r)
+        delta_b = self.head["B"](z, r * n).reshape(r, n)
+        return a + delta_a, b + delta_b
+
+
+class LPKA(nn.Module):
+    """The adapter: a stack of KTLs (or the ``mlp`` ablation) over low-rank factors.
+
+    Call :meth:`register_shapes` with every ``(m, n)`` a client reports before
+    :meth:`forward` sees it; it returns the parameters it created, for the optimiser.
+    """
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):  # the same seed always builds the same adapter
+            torch.manual_seed(cfg.seed)
+            if cfg.variant == "mlp":
+                self.body: nn.Module = SourceMLP(cfg)
+            else:
+                self.body = nn.ModuleList(TransferLayer(cfg, f"ktl{i}") for i in range(cfg.layers))
+        self.registered: list[tuple[int, int]] = []
+
+    def register_shapes(self, shapes: Iterable[tuple[int, int]]) -> list[nn.Parameter]:
+        """Create projections for layers of these ``(m, n)`` shapes; return new parameters."""
+        new: list[nn.Parameter] = []
+        for m, n in shapes:
+            m, n = int(m), int(n)
+            if (m, n) not in self.registered:
+                self.registered.append((m, n))
+                new += self._register(m, n)
+        return new
+
+    def _register(self, m: int, n: int) -> list[nn.Parameter]:
+        r, new = self.cfg.rank, []
+        if isinstance(self.body, SourceMLP):
+            for f in FACTORS:
+                for reading in READINGS:
+                    new += self.body.embed[f"{f}_{reading}"].register(token_width(f, reading, m, n, r))
+            new += self.body.head["A"].register(m * r) + self.body.head["B"].register(r * n)
+            return new
+        for ktl in self.body:
+            for f in FACTORS:
+                for qr, kr in self.cfg.combos:
+                    br = ktl.branches[f"{f}_{qr}_{kr}"]
+                    wq, wk = token_width(f, qr, m, n, r), token_width(f, kr, m, n, r)
+                    new += br.q.register(wq) + br.o.register(wq)
+                    new += br.k.register(wk) + br.v.register(wk)
+        return new
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged factors for a batch of targets that share ``sources``.
+
+        ``a: (N, m, R)``, ``b: (N, R, n)`` -> ``A': (N, m, R)``, ``B': (N, R, n)``.
+        """
+        if a.shape[-1] != self.cfg.rank or b.shape[-2] != self.cfg.rank:
+            raise ValueError(
+                f"adapter works at rank {self.cfg.rank}: got A{tuple(a.shape)} B{tuple(b.shape)}"
+                " (pad lower ranks with mergenet_fl.lowrank.pad_rank)"
+            )
+        if isinstance(self.body, SourceMLP):
+            return self.body(a, b, sources)
+        for ktl in self.body:
+            a, b = ktl(a, b, sources)
+        return a, b

@@ -1,0 +1,125 @@
+"""The knowledge bank: the latest packet of every client, and architecture-group summaries."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mergenet_fl.lowrank import factorize
+from mergenet_fl.packet import KnowledgePacket, LayerFactors, PacketError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """A client's latest packet, its architecture group and the round it came from.
+
+    ``send_only`` peers (e.g. a frozen pre-trained model) are sources and never targets.
+    """
+
+    packet: KnowledgePacket
+    group: str
+    round: int
+    send_only: bool = False
+
+
+class KnowledgeBank:
+    """Latest :class:`BankEntry` per client id; all members of a group share one signature."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, BankEntry] = {}
+
+    def __contains__(self, client_id: str) -> bool:
+        return client_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def get(self, client_id: str) -> BankEntry:
+        return self._entries[client_id]
+
+    def check(self, client_id: str, packet: KnowledgePacket, group: str) -> None:
+        """Raise :class:`PacketError` if ``packet`` does not fit the other members of ``group``."""
+        for cid, entry in self._entries.items():
+            if cid != client_id and entry.group == group:
+                if entry.packet.signature() != packet.signature():
+                    raise PacketError(
+                        f"client {client_id!r}: packet layers {packet.signature()} differ from "
+                        f"those of group {group!r} ({entry.packet.signature()})"
+                    )
+                return
+
+    def put(
+        self,
+        client_id: str,
+        packet: KnowledgePacket,
+        *,
+        group: str,
+        round: int,
+        send_only: bool = False,
+    ) -> None:
+        """Store ``packet`` as ``client_id``'s latest (after :meth:`check`)."""
+        self.check(client_id, packet, group)
+        self._entries[client_id] = BankEntry(packet, group, round, send_only)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> sorted member ids."""
+        out: dict[str, list[str]] = {}
+        for cid in sorted(self._entries):
+            out.setdefault(self._entries[cid].group, []).append(cid)
+        return out
+
+    def forget_older_than(self, current_round: int, max_age: int) -> list[str]:
+        """Drop packets more than ``max_age`` rounds old; return the forgotten client ids."""
+        old = [c for c, e in self._entries.items() if current_round - e.round > max_age]
+        for cid in old:
+            del self._entries[cid]
+        if old:
+            log.info("knowledge bank forgot %d stale packets: %s", len(old), old)
+        return old
+
+    def summary(self, group: str, rank: int) -> KnowledgePacket:
+        """One packet standing for ``group``: each layer's mean reconstructed weight, re-encoded.
+
+        ``mean_i A_i B_i`` is computed as one product of the stacked factors,
+        ``[A_1 … A_N] @ [B_1; …; B_N] / N``, so no member's full matrix is formed.
+        """
+        members = [self._entries[c].packet for c in self.groups()[group]]
+        layers = {}
+        for name, first in members[0].layers.items():
+            a = torch.cat([p.layers[name].a for p in members], dim=1)
+            b = torch.cat([p.layers[name].b for p in members], dim=0)
+            fa, fb = factorize(a @ b / len(members), rank)
+            layers[name] = LayerFactors(fa, fb, first.weight_shape, first.kind)
+        return KnowledgePacket(layers)
+
+    def state_dict(self) -> dict:
+        return {
+            cid: {
+                "group": e.group,
+                "round": e.round,
+                "send_only": e.send_only,
+                "layers": {
+                    n: {"a": lf.a, "b": lf.b, "weight_shape": list(lf.weight_shape), "kind": lf.kind}
+                    for n, lf in e.packet.layers.items()
+                },
+            }
+            for cid, e in self._entries.items()
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        entries = {}
+        for cid, e in state.items():
+            layers = {
+                n: LayerFactors(lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"])
+                for n, lf in e["layers"].items()
+            }
+            entries[cid] = BankEntry(KnowledgePacket(layers), e["group"], e["round"], e["send_only"])
+        self._entries = entries

@@ -1,0 +1,269 @@
+"""The server's side of a transfer round: generate merged factors, then learn from the replies.
+
+One round, for the clients that take part:
+
+1. :meth:`Hypernetwork.generate` plans each target layer's sources from the knowledge bank,
+   runs the adapter, and returns the merged factors with a :class:`Generation` record of the
+   inputs that produced them.
+2. Clients install, train and answer with gradient pieces ``(G_A, G_B)``.
+3. :meth:`Hypernetwork.update` recomputes the generator forward on the recorded inputs and
+   takes one optimiser step with the pFedHN rule,
+   ``∇φ = Σ_clients autograd.grad([A', B'], φ, grad_outputs=[G_A, G_B])``.
+   No autograd graph is kept between 1 and 3.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mergenet_fl.adapter import LPKA, AdapterConfig, SourceTokens
+from mergenet_fl.bank import KnowledgeBank
+from mergenet_fl.lowrank import pad_rank
+from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    """How the adapter learns and where its sources come from.
+
+    ``summarize_groups``: each architecture group is one source (its members' mean weight,
+    re-encoded), so cost grows with groups, not clients; a target's own group is a source when
+    it has other members. Otherwise every other client is a source of its own.
+    ``self_transfer``: a target layer also attends to the client's other transfer layers.
+    ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
+    """
+
+    adapter: AdapterConfig = AdapterConfig()
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    max_grad_norm: float | None = 1.0
+    summarize_groups: bool = True
+    self_transfer: bool = False
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"HypernetConfig.optimizer={self.optimizer!r}; choose {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise ValueError(f"HypernetConfig.lr must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"HypernetConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
+            )
+        if self.chunk_size < 1:
+            raise ValueError(f"HypernetConfig.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Targets that share one layer shape and one source set: ``a: (N, m, R)``, ``b: (N, R, n)``."""
+
+    layer: str
+    clients: tuple[str, ...]
+    a: torch.Tensor
+    b: torch.Tensor
+    sources: SourceTokens
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The inputs that produced one round's merged factors, for the matching update."""
+
+    round: int
+    jobs: tuple[Job, ...]
+
+    def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
+        """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
+        out: dict[str, dict[str, tuple[int, int, int]]] = {}
+        for job in self.jobs:
+            _, m, r = job.a.shape
+            for cid in job.clients:
+                out.setdefault(cid, {})[job.layer] = (m, r, job.b.shape[2])
+        return out
+
+    def check_pieces(self, client_id: str, pieces: Mapping[str, FactorPair]) -> None:
+        """Raise :class:`PacketError` unless ``pieces`` answer exactly what the client was sent."""
+        sent = self.targets().get(client_id)
+        if sent is None:
+            raise PacketError(f"client {client_id!r} sent gradient pieces but got no factors")
+        if set(pieces) != set(sent):
+            raise PacketError(
+                f"client {client_id!r}: gradient pieces for layers {sorted(pieces)}, "
+                f"expected {sorted(sent)}"
+            )
+        for layer, (ga, gb) in pieces.items():
+            m, r, n = sent[layer]
+            if tuple(ga.shape) != (m, r) or tuple(gb.shape) != (r, n):
+                raise PacketError(
+                    f"client {client_id!r} layer {layer!r}: pieces G_A{tuple(ga.shape)} "
+                    f"G_B{tuple(gb.shape)}, expected ({m}, {r}) and ({r}, {n})"
+                )
+            if not (torch.isfinite(ga).all() and torch.isfinite(gb).all()):
+                raise PacketError(f"client {client_id!r} layer {layer!r}: non-finite pieces")
+
+
+class Hypernetwork:
+    """The LPKA adapter with its optimiser: generates merged factors and learns from replies."""
+
+    def __init__(self, cfg: HypernetConfig) -> None:
+        self.cfg = cfg
+        self.adapter = LPKA(cfg.adapter)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.cfg.adapter.rank
+
+    def register_shapes(self, shapes: Sequence[tuple[int, int]]) -> None:
+        """Create adapter projections for new layer shapes, one optimiser group per shape."""
+        for shape in shapes:
+            params = self.adapter.register_shapes([shape])
+            if not params:
+                continue
+            if self.optimizer is None:
+                self.optimizer = self._make_optimizer(params)
+            else:
+                self.optimizer.add_param_group({"params": params})
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        # The parameters that exist from the start (e.g. the mixing weights λ) join the first group.
+        fresh = {id(p) for p in params}
+        base = [p for p in self.adapter.parameters() if id(p) not in fresh]
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(base + params, lr=self.cfg.lr)
+        return torch.optim.SGD(base + params, lr=self.cfg.lr)
+
+    def plan(self, bank: KnowledgeBank, targets: Sequence[str]) -> list[Job]:
+        """Group targets by (layer, source set) so each group is one batched adapter pass."""
+        groups = bank.groups()
+        summaries: dict[str, KnowledgePacket] = {}
+        token_cache: dict[object, SourceTokens] = {}
+        batches: dict[object, tuple[str, list[str], list[FactorPair], object]] = {}
+
+        def summary(group: str) -> KnowledgePacket:
+            if group not in summaries:
+                summaries[group] = bank.summary(group, self.rank)
+            return summaries[group]
+
+        for cid in sorted(set(targets)):
+            if cid not in bank or bank.get(cid).send_only:
+                continue
+            entry = bank.get(cid)
+            if self.cfg.summarize_groups:
+                peers = [summary(g) for g, ms in groups.items() if g != entry.group or len(ms) > 1]
+                source_key: object = entry.group
+            else:
+                peers = [bank.get(c).packet for c in bank if c != cid]
+                source_key = cid
+            for layer, lf in entry.packet.layers.items():
+                sources = [f for p in peers for f in p.factors().values()]
+                key = (source_key, layer)
+                if self.cfg.self_transfer:
+                    sources += [f for n, f in entry.packet.factors().items() if n != layer]
+                    key = (cid, layer)
+                if not sources:
+                    continue
+                if key not in batches:
+                    batches[key] = (layer, [], [], sources)
+                batches[key][1].append(cid)
+                batches[key][2].append(pad_rank(lf.a, lf.b, self.rank))
+
+        jobs = []
+        for key, (layer, clients, factors, sources) in batches.items():
+            tok_key = key if self.cfg.self_transfer else key[0]
+            if tok_key not in token_cache:
+                padded = [pad_rank(a, b, self.rank) for a, b in sources]
+                token_cache[tok_key] = SourceTokens.build(
+                    padded, self.rank, self.cfg.adapter.max_source_tokens
+                )
+            a = torch.stack([f[0] for f in factors])
+            b = torch.stack([f[1] for f in factors])
+            jobs.append(Job(layer, tuple(clients), a, b, token_cache[tok_key]))
+        return jobs
+
+    @torch.no_grad()
+    def generate(
+        self, bank: KnowledgeBank, targets: Sequence[str], round: int
+    ) -> tuple[dict[str, dict[str, FactorPair]], Generation]:
+        """Merged factors ``{client: {layer: (A': (m, R), B': (R, n))}}`` and their record."""
+        jobs = self.plan(bank, targets)
+        self.register_shapes(
+            [(j.a.shape[1], j.b.shape[2]) for j in jobs] + [s for j in jobs for s in j.sources.shapes]
+        )
+        merged: dict[str, dict[str, FactorPair]] = {}
+        self.adapter.eval()
+        for job in jobs:
+            for rows in _chunks(range(len(job.clients)), self.cfg.chunk_size):
+                out_a, out_b = self.adapter(job.a[rows], job.b[rows], job.sources)
+                for i, row in enumerate(rows):
+                    merged.setdefault(job.clients[row], {})[job.layer] = (out_a[i], out_b[i])
+        return merged, Generation(round, tuple(jobs))
+
+    def update(
+        self, generation: Generation, pieces: Mapping[str, Mapping[str, FactorPair]]
+    ) -> dict[str, float]:
+        """One optimiser step from the clients' gradient pieces; returns step statistics.
+
+        Pieces must pass :meth:`Generation.check_pieces` (checked here before anything changes).
+        Clients without pieces are left out of the sum.
+        """
+        for cid, p in pieces.items():
+            generation.check_pieces(cid, p)
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        used = 0
+        self.adapter.train()
+        for job in generation.jobs:
+            rows = [i for i, c in enumerate(job.clients) if c in pieces]
+            for chunk in _chunks(rows, self.cfg.chunk_size):
+                out_a, out_b = self.adapter(job.a[chunk], job.b[chunk], job.sources)
+                ga = torch.stack([pieces[job.clients[i]][job.layer][0] for i in chunk])
+                gb = torch.stack([pieces[job.clients[i]][job.layer][1] for i in chunk])
+                step = torch.autograd.grad(
+                    (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
+                )
+                grads = [g if s is None else (s if g is None else g + s) for g, s in zip(grads, step)]
+                used += len(chunk)
+        if used == 0 or self.optimizer is None:
+            return {"pieces": 0, "grad_norm": 0.0}
+        for p, g in zip(params, grads):
+            p.grad = g
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        log.debug("adapter step: %d pieces, gradient norm %.4g", used, norm)
+        return {"pieces": float(used), "grad_norm": norm}
+
+    def state_dict(self) -> dict:
+        """A snapshot (deep copy: the optimiser updates its state tensors in place)."""
+        return copy.deepcopy(
+            {
+                "shapes": list(self.adapter.registered),
+                "adapter": self.adapter.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            }
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore into a fresh :class:`Hypernetwork` built with the same config."""
+        if self.adapter.registered:
+            raise RuntimeError("load_state_dict needs a fresh Hypernetwork")
+        self.register_shapes([tuple(s) for s in state["shapes"]])
+        self.adapter.load_state_dict(state["adapter"])
+        if state["optimizer"] is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+
+def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:
+    rows = list(rows)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]

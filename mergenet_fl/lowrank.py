@@ -1,0 +1,83 @@
+"""Re-encoding a weight matrix as rank-r factors (MergeNet eq. 4-5).
+
+Convention, used everywhere in this package: ``W ≈ A @ B`` with ``A: (m, r)`` and
+``B: (r, n)``; from the SVD ``W = U S Vᵀ``, ``A = U_r S_r^½`` and ``B = S_r^½ V_rᵀ``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Above this many entries (m·n) the randomized SVD is used.
+RANDOMIZED_SVD_MIN_SIZE = 512 * 512
+
+
+def factorize(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    randomized_min_size: int = RANDOMIZED_SVD_MIN_SIZE,
+    oversample: int = 8,
+    niter: int = 4,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD factors of ``matrix`` with a deterministic sign convention.
+
+    Parameters
+    ----------
+    matrix:
+        ``(m, n)`` floating tensor.
+    rank:
+        Number of singular pairs kept; capped at ``min(m, n)``.
+    randomized_min_size:
+        Matrices with at least this many entries use ``torch.svd_lowrank`` (``O(m·n·r)``),
+        seeded by ``seed`` so that the same matrix always gives the same factors.
+
+    Returns
+    -------
+    ``A: (m, r)``, ``B: (r, n)`` in float32 with ``A @ B`` the best rank-r approximation
+    (exactly so for the full SVD). Each column of ``A`` has its largest-magnitude entry positive.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"factorize expects a matrix, got shape {tuple(matrix.shape)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    w = matrix.detach().to(torch.float32)
+    m, n = w.shape
+    r = min(rank, m, n)
+    if m * n >= randomized_min_size and r + oversample < min(m, n):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(w, q=r + oversample, niter=niter)
+        u, s, vh = u[:, :r], s[:r], v[:, :r].T
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    # SVD fixes each singular pair only up to sign: pin it so tokens do not flip between rounds.
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(r)])
+    signs[signs == 0] = 1.0
+    root = s.clamp_min(0).sqrt()
+    a = u * (signs * root)
+    b = (signs * root)[:, None] * vh
+    return a.contiguous(), b.contiguous()
+
+
+def reconstruct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A @ B``: ``(..., m, r) @ (..., r, n) -> (..., m, n)``."""
+    return a @ b
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad factors to ``rank`` (``A: (m, r) -> (m, rank)``, ``B: (r, n) -> (rank, n)``).
+
+    ``A @ B`` is unchanged, which lets factors of different ranks share one token width.
+    """
+    r = a.shape[-1]
+    if r == rank:
+        return a, b
+    if r > rank:
+        raise ValueError(f"cannot pad rank {r} down to {rank}")
+    a_pad = torch.nn.functional.pad(a, (0, rank - r))
+    b_pad = torch.nn.functional.pad(b, (0, 0, 0, rank - r))
+    return a_pad, b_pad

@@ -1,0 +1,212 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mergenet_fl import LPKA, VARIANTS, AdapterConfig, SourceTokens, factorize, pad_rank
+from mergenet_fl.adapter import compress_tokens
+
+SHAPES = [(10, 48), (24, 36), (16, 16)]
+
+
+def sources_for(shapes, rank=4, max_tokens=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    factors = [pad_rank(*factorize(torch.randn(m, n, generator=gen), rank - 1), rank) for m, n in shapes]
+    return factors, SourceTokens.build(factors, rank, max_tokens)
+
+
+def batch(shape, n=3, rank=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [factorize(torch.randn(*shape, generator=gen), rank) for _ in range(n)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def perturbed(cfg, shapes, seed=0):
+    adapter = LPKA(cfg)
+    adapter.register_shapes(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return adapter
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_identity_at_initialisation(variant):
+    cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2, max_source_tokens=8)
+    adapter = LPKA(cfg)
+    adapter.register_shapes(SHAPES)
+    _, sources = sources_for(SHAPES)
+    for shape in SHAPES:
+        a, b = batch(shape)
+        out_a, out_b = adapter(a, b, sources)
+        assert torch.equal(out_a, a) and torch.equal(out_b, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trained_adapter_changes_factors_and_keeps_shapes(variant):
+    cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2)
+    adapter = perturbed(cfg, SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((24, 36))
+    out_a, out_b = adapter(a, b, sources)
+    assert out_a.shape == a.shape and out_b.shape == b.shape
+    assert not torch.allclose(out_a, a)
+
+
+def test_mlp_update_ignores_the_target():
+    cfg = AdapterConfig(variant="mlp", rank=4, dim=8, heads=2, layers=1)
+    adapter = perturbed(cfg, SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((10, 48))
+    out_a, out_b = adapter(a, b, sources)
+    delta = out_a - a
+    torch.testing.assert_close(delta[0], delta[1])  # same update for different targets
+    lpka = perturbed(AdapterConfig(rank=4, dim=8, heads=2, layers=1), SHAPES)
+    out_a, _ = lpka(a, b, sources)
+    assert not torch.allclose((out_a - a)[0], (out_a - a)[1])
+
+
+def test_variants_use_their_combinations_and_mixing():
+    assert AdapterConfig(variant="rows").combos == (("rows", "rows"),)
+    assert len(AdapterConfig(variant="avg").combos) == 4
+    lpka, avg = LPKA(AdapterConfig(variant="lpka")), LPKA(AdapterConfig(variant="avg"))
+    assert isinstance(lpka.body[0].mix_logits, torch.nn.Parameter)
+    assert not isinstance(avg.body[0].mix_logits, torch.nn.Parameter)
+    assert "mix_logits" in dict(avg.body[0].named_buffers())
+
+
+def test_shared_readings_share_weights_across_layers():
+    adapter = LPKA(AdapterConfig(rank=4, dim=8, heads=2, layers=1))
+    adapter.register_shapes([(10, 48)])
+    branch = adapter.body[0].branches["A_rows_rows"]
+    assert sorted(branch.q.by_width) == ["4"]  # rows of A: width R whatever the layer
+    new = adapter.register_shapes([(24, 36)])
+    assert sorted(branch.q.by_width) == ["4"]
+    assert sorted(adapter.body[0].branches["A_cols_rows"].q.by_width) == ["10", "24"]
+    assert new and adapter.register_shapes([(24, 36)]) == []
+
+
+def test_projection_init_does_not_depend_on_registration_order():
+    one = LPKA(AdapterConfig(rank=4, dim=8, heads=2))
+    two = LPKA(AdapterConfig(rank=4, dim=8, heads=2))
+    one.register_shapes([(10, 48), (24, 36)])
+    two.register_shapes([(24, 36), (10, 48)])
+    s1, s2 = one.state_dict(), two.state_dict()
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_hand_computed_gradient_on_a_tiny_case():
+    """``avg`` variant, one KTL, one source layer: the output projection's gradient by hand."""
+    r, dim, heads = 2, 4, 2
+    cfg = AdapterConfig(variant="avg", rank=r, dim=dim, heads=heads, layers=1, max_source_tokens=None)
+    adapter = LPKA(cfg)
+    adapter.register_shapes([(3, 5), (4, 6)])
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, r, generator=gen), torch.randn(1, r, 5, generator=gen)
+    src_a, src_b = torch.randn(4, r, generator=gen), torch.randn(r, 6, generator=gen)
+    sources = SourceTokens.build([(src_a, src_b)], r, None)
+    g_a, g_b = torch.randn(1, 3, r, generator=gen), torch.randn(1, r, 5, generator=gen)
+
+    out = adapter(a, b, sources)
+    names = dict(adapter.named_parameters())
+    params = ["body.0.branches.A_rows_rows.o.by_width.2.weight",
+              "body.0.branches.A_rows_rows.o.by_width.2.bias",
+              "body.0.branches.A_cols_rows.o.by_width.3.bias",
+              "body.0.branches.B_cols_cols.o.by_width.2.bias"]
+    grads = torch.autograd.grad(out, [names[p] for p in params], grad_outputs=(g_a, g_b))
+
+    # At initialisation every branch's output projection and the FFN's last layer are zero,
+    # so A' = A + 1/4 Σ_k (o_k(attn_k) read back), and dA'/d(bias_k) is the plain sum.
+    lam = 0.25
+    torch.testing.assert_close(grads[1], lam * g_a[0].sum(0))  # bias added to each row of A
+    torch.testing.assert_close(grads[2], lam * g_a[0].sum(1))  # bias added to each column of A
+    torch.testing.assert_close(grads[3], lam * g_b[0].sum(1))  # bias added to each column of B
+
+    # The weight: o(x) = x Wᵀ + b, so dL/dW = λ Σ_tokens g_token ⊗ attn_token, with the
+    # attention computed here by hand: softmax(q kᵀ / √d_h) v per head.
+    br = adapter.body[0].branches["A_rows_rows"]
+    q = F.layer_norm(a[0], (r,)) @ br.q.by_width["2"].weight.T + br.q.by_width["2"].bias
+    ks = F.layer_norm(src_a, (r,))
+    k = ks @ br.k.by_width["2"].weight.T + br.k.by_width["2"].bias
+    v = ks @ br.v.by_width["2"].weight.T + br.v.by_width["2"].bias
+    dh = dim // heads
+    attn = torch.cat(
+        [
+            torch.softmax(q[:, h * dh:(h + 1) * dh] @ k[:, h * dh:(h + 1) * dh].T / math.sqrt(dh), -1)
+            @ v[:, h * dh:(h + 1) * dh]
+            for h in range(heads)
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(grads[0], lam * g_a[0].T @ attn)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_low_rank_pieces_give_the_full_delta_gradient(variant):
+    cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2)
+    adapter = perturbed(cfg, SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((24, 36))
+    delta = torch.randn(3, 24, 36, generator=torch.Generator().manual_seed(5))
+    params = [p for p in adapter.parameters()]
+
+    out_a, out_b = adapter(a, b, sources)
+    full = torch.autograd.grad(out_a @ out_b, params, grad_outputs=delta, allow_unused=True)
+    out_a, out_b = adapter(a, b, sources)
+    g_a, g_b = delta @ out_b.detach().transpose(1, 2), out_a.detach().transpose(1, 2) @ delta
+    low = torch.autograd.grad((out_a, out_b), params, grad_outputs=(g_a, g_b), allow_unused=True)
+    used = 0
+    for f, lo in zip(full, low):
+        assert (f is None) == (lo is None)
+        if f is not None:
+            torch.testing.assert_close(f, lo, atol=1e-5, rtol=1e-4)
+            used += 1
+    assert used > 4
+
+
+def test_compress_tokens():
+    tokens = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    assert compress_tokens(tokens, None) is tokens
+    assert compress_tokens(tokens, 200) is tokens
+    small = compress_tokens(tokens, 10)
+    assert small.shape == (10, 4)
+    assert torch.equal(small, compress_tokens(tokens.clone(), 10))
+    # bins of tokens sorted by the first coordinate: first coordinates come out increasing
+    assert (small[1:, 0] >= small[:-1, 0]).all()
+    torch.testing.assert_close(small.mean(0), tokens.mean(0))
+
+
+def test_source_tokens_group_by_width_and_compress():
+    factors, tokens = sources_for([(10, 48), (24, 36), (10, 20)], max_tokens=8)
+    a_cols = tokens.tokens[("A", "cols")]
+    assert [(w, t.shape) for w, t in a_cols] == [(10, (8, 10)), (24, (4, 24))]
+    a_rows = tokens.tokens[("A", "rows")]
+    assert [(w, t.shape[0]) for w, t in a_rows] == [(4, 8 + 8 + 8)]
+    with pytest.raises(ValueError, match="at least one source"):
+        SourceTokens.build([], 4, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"variant": "attn"}, "variant='attn'"),
+        ({"rank": 0}, "rank must be >= 1"),
+        ({"dim": 10, "heads": 4}, "dim=10 is not divisible by heads=4"),
+        ({"max_source_tokens": 0}, "max_source_tokens"),
+    ],
+)
+def test_adapter_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_forward_rejects_wrong_rank():
+    adapter = LPKA(AdapterConfig(rank=4, dim=8, heads=2))
+    adapter.register_shapes(SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((10, 48), rank=3)
+    with pytest.raises(ValueError, match="rank 4"):
+        adapter(a, b, sources)

@@ -1,0 +1,204 @@
+import pytest
+import torch
+
+from mergenet_fl import (
+    AdapterConfig,
+    HypernetConfig,
+    Hypernetwork,
+    KnowledgeBank,
+    KnowledgePacket,
+    LayerFactors,
+    PacketError,
+    factorize,
+)
+
+SMALL = AdapterConfig(rank=4, dim=8, heads=2, layers=1, max_source_tokens=8)
+
+
+def packet(shapes: dict[str, tuple[int, int]], seed: int, rank: int = 4) -> KnowledgePacket:
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, (m, n) in shapes.items():
+        a, b = factorize(torch.randn(m, n, generator=gen), rank)
+        layers[name] = LayerFactors(a, b, (m, n), "linear")
+    return KnowledgePacket(layers)
+
+
+def federation() -> KnowledgeBank:
+    """Two resnets, one mobilenet (two layers), one text model, one send-only peer."""
+    bank = KnowledgeBank()
+    bank.put("r0", packet({"fc": (10, 32)}, 0), group="resnet", round=1)
+    bank.put("r1", packet({"fc": (10, 32)}, 1), group="resnet", round=1)
+    bank.put("m0", packet({"cls": (10, 40), "conv": (12, 18)}, 2, rank=3), group="mbv2", round=1)
+    bank.put("t0", packet({"value": (16, 16)}, 3), group="bert", round=1)
+    bank.put("frozen", packet({"fc": (20, 24)}, 4), group="teacher", round=1, send_only=True)
+    return bank
+
+
+def jobs_by_layer(hn: Hypernetwork, bank: KnowledgeBank, targets):
+    return {(j.layer, j.clients): j for j in hn.plan(bank, targets)}
+
+
+def test_plan_batches_groups_and_picks_sources():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL))
+    jobs = jobs_by_layer(hn, bank, list(bank))
+    assert set(jobs) == {
+        ("fc", ("r0", "r1")),  # one batched pass for the whole resnet group
+        ("cls", ("m0",)),
+        ("conv", ("m0",)),
+        ("value", ("t0",)),
+    }  # the send-only peer is a source, never a target
+    # resnet targets see all four groups (their own has another member): 1+2+1+1 layers
+    resnet_job = jobs[("fc", ("r0", "r1"))]
+    assert sum(t.shape[0] for _, t in resnet_job.sources.tokens[("B", "rows")]) == 5 * 4
+    # the lone mobilenet does not attend to itself: resnet, bert, teacher = 3 layers
+    mbv2_job = jobs[("cls", ("m0",))]
+    assert sum(t.shape[0] for _, t in mbv2_job.sources.tokens[("B", "rows")]) == 3 * 4
+    # rank-3 factors are padded to the adapter's rank 4
+    assert mbv2_job.a.shape == (1, 10, 4) and not mbv2_job.a[0, :, 3].any()
+
+
+def test_plan_without_summaries_and_with_self_transfer():
+    bank = federation()
+    per_client = Hypernetwork(HypernetConfig(adapter=SMALL, summarize_groups=False))
+    jobs = jobs_by_layer(per_client, bank, ["r0", "m0"])
+    r0 = jobs[("fc", ("r0",))]  # every other client is a source: r1, m0 (2 layers), t0, frozen
+    assert sum(t.shape[0] for _, t in r0.sources.tokens[("B", "rows")]) == 5 * 4
+    selfish = Hypernetwork(HypernetConfig(adapter=SMALL, self_transfer=True))
+    jobs = jobs_by_layer(selfish, bank, ["m0"])
+    cls = jobs[("cls", ("m0",))]  # resnet, bert, teacher + its own conv layer
+    widths = [w for w, _ in cls.sources.tokens[("A", "cols")]]
+    assert 12 in widths and 10 in widths
+
+
+def test_lone_client_without_sources_gets_nothing():
+    bank = KnowledgeBank()
+    bank.put("only", packet({"fc": (10, 32)}, 0), group="g", round=1)
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL))
+    merged, generation = hn.generate(bank, ["only"], round=2)
+    assert merged == {} and generation.jobs == ()
+
+
+def test_generate_is_identity_at_start_and_one_message_per_client():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL))
+    merged, generation = hn.generate(bank, list(bank), round=2)
+    assert set(merged) == {"r0", "r1", "m0", "t0"}
+    assert set(merged["m0"]) == {"cls", "conv"}
+    for cid, layers in merged.items():
+        for name, (a, b) in layers.items():
+            own = bank.get(cid).packet.layers[name]
+            r = own.rank
+            assert torch.equal(a[:, :r], own.a) and torch.equal(b[:r], own.b)
+    assert generation.targets()["m0"] == {"cls": (10, 4, 40), "conv": (12, 4, 18)}
+
+
+def steps_towards(hn, bank, goals, steps):
+    """Run ``steps`` rounds where each client 'trains' its layer to ``goals[cid]``."""
+    errors = []
+    for rnd in range(steps):
+        merged, generation = hn.generate(bank, list(goals), round=rnd)
+        pieces, err = {}, 0.0
+        for cid, layers in merged.items():
+            pieces[cid] = {}
+            for name, (a, b) in layers.items():
+                delta = a @ b - goals[cid][name]  # Δ = W_new − W_trained
+                err += float(delta.pow(2).sum())
+                pieces[cid][name] = (delta @ b.T, a.T @ delta)
+        errors.append(err)
+        hn.update(generation, pieces)
+    return errors
+
+
+def test_update_moves_generated_weights_towards_what_clients_learned():
+    bank = federation()
+    gen = torch.Generator().manual_seed(9)
+    goals = {}
+    for cid in ["r0", "r1", "t0"]:
+        goals[cid] = {}
+        for name, lf in bank.get(cid).packet.layers.items():
+            m, n = lf.matrix_shape
+            goals[cid][name] = lf.a @ lf.b + 0.3 * torch.randn(m, n, generator=gen)
+    cfg = HypernetConfig(adapter=SMALL, lr=3e-3, max_grad_norm=None)
+    errors = steps_towards(Hypernetwork(cfg), bank, goals, steps=15)
+    assert errors[-1] < 0.9 * errors[0]
+
+
+def test_update_only_sums_clients_that_replied_and_clips():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL, max_grad_norm=0.5))
+    merged, generation = hn.generate(bank, list(bank), round=2)
+    pieces = {"r0": {"fc": tuple(torch.ones_like(t) for t in merged["r0"]["fc"])}}
+    stats = hn.update(generation, pieces)
+    assert stats["pieces"] == 1 and stats["grad_norm"] > 0.5
+    assert hn.update(generation, {}) == {"pieces": 0, "grad_norm": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("pieces", "message"),
+    [
+        ({"t0": {}}, r"'t0': gradient pieces for layers \[\], expected \['value'\]"),
+        ({"t0": {"value": (torch.zeros(16, 3), torch.zeros(3, 16))}}, r"expected \(16, 4\)"),
+        ({"t0": {"value": (torch.full((16, 4), float("nan")), torch.zeros(4, 16))}}, "non-finite"),
+        ({"frozen": {"fc": (torch.zeros(20, 4), torch.zeros(4, 24))}}, "got no factors"),
+    ],
+)
+def test_update_rejects_bad_pieces_without_changing_state(pieces, message):
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL))
+    _, generation = hn.generate(bank, list(bank), round=2)
+    before = {k: v.clone() for k, v in hn.adapter.state_dict().items()}
+    with pytest.raises(PacketError, match=message):
+        hn.update(generation, pieces)
+    after = hn.adapter.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_state_round_trip_is_exact():
+    bank = federation()
+    goals = {
+        cid: {n: lf.a @ lf.b * 1.1 for n, lf in bank.get(cid).packet.layers.items()}
+        for cid in ["r0", "r1", "m0", "t0"]
+    }
+    cfg = HypernetConfig(adapter=SMALL)
+    hn = Hypernetwork(cfg)
+    steps_towards(hn, bank, goals, steps=2)
+    state = {"hypernet": hn.state_dict(), "bank": bank.state_dict()}
+
+    hn2, bank2 = Hypernetwork(cfg), KnowledgeBank()
+    hn2.load_state_dict(state["hypernet"])
+    bank2.load_state_dict(state["bank"])
+    assert bank2.state_dict().keys() == bank.state_dict().keys()
+    assert bank2.get("m0").packet.signature() == bank.get("m0").packet.signature()
+    # continuing both gives bit-identical adapters (Adam moments were restored too)
+    steps_towards(hn, bank, goals, steps=1)
+    steps_towards(hn2, bank2, goals, steps=1)
+    s1, s2 = hn.adapter.state_dict(), hn2.adapter.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    with pytest.raises(RuntimeError, match="fresh"):
+        hn.load_state_dict(state["hypernet"])
+
+
+def test_bank_checks_groups_forgets_and_summarises():
+    bank = federation()
+    with pytest.raises(PacketError, match="differ from those of group 'resnet'"):
+        bank.put("r2", packet({"fc": (10, 33)}, 5), group="resnet", round=2)
+    assert "r2" not in bank
+    r0, r1 = bank.get("r0").packet.layers["fc"], bank.get("r1").packet.layers["fc"]
+    mean = (r0.a @ r0.b + r1.a @ r1.b) / 2
+    fa, fb = factorize(mean, 4)
+    summary = bank.summary("resnet", 4).layers["fc"]
+    torch.testing.assert_close(summary.a @ summary.b, fa @ fb)
+    bank.put("r0", packet({"fc": (10, 32)}, 7), group="resnet", round=5)
+    assert bank.forget_older_than(current_round=5, max_age=2) == ["r1", "m0", "t0", "frozen"]
+    assert list(bank) == ["r0"]
+
+
+def test_hypernet_config_errors():
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        HypernetConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        HypernetConfig(lr=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        HypernetConfig(chunk_size=0)
