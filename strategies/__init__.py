@@ -1,0 +1,8 @@
+"""Flower strategies for heterogeneous federations: MergeNet and its baselines."""
+
+from strategies.baselines import GroupFedAvg, LocalOnly
+from strategies.base import ClientReply, PeerStrategy
+from strategies.mergenet import MergeNet
+from strategies.protocol import ClientIdentity
+
+__all__ = ["ClientIdentity", "ClientReply", "GroupFedAvg", "LocalOnly", "MergeNet", "PeerStrategy"]

@@ -1,0 +1,371 @@
+"""What every strategy of a heterogeneous federation shares: each client keeps its own model.
+
+:class:`PeerStrategy` knows clients by the identity they report (not by Flower node id),
+sends one message per node, validates every reply on its own (one bad reply is logged and
+dropped, the round goes on), reports metrics per architecture group and overall, and can
+average parameters inside each architecture group (``share``). Subclasses add what travels
+besides (MergeNet: merged factors out, packets and gradient pieces back).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from mergenet_fl import PacketError
+from strategies import protocol as p
+
+log = logging.getLogger(__name__)
+
+RoundSink = Callable[[dict[str, Any]], None]
+"""Receives one record per round and stage (see :meth:`PeerStrategy._emit`)."""
+
+
+@dataclass
+class ClientReply:
+    """A reply that passed the checks so far."""
+
+    node_id: int
+    identity: p.ClientIdentity
+    manifest: str
+    metrics: dict[str, float]
+    content: RecordDict
+    bytes_up: int
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class PeerStrategy(Strategy):
+    """Base of the strategies: identities, per-node messages, validation, group metrics.
+
+    Parameters
+    ----------
+    share:
+        ``"none"``, ``"unselected"`` (FedAvg of everything but the transfer layers inside each
+        architecture group) or ``"all"`` (FedAvg of the whole model inside each group).
+    fraction_train, min_train_nodes, fraction_evaluate, min_evaluate_nodes, min_available_nodes:
+        Node sampling, as in Flower's FedAvg.
+    query_timeout:
+        Seconds to wait for unknown nodes to answer the identity handshake.
+    on_round:
+        Called with one record per round and stage (e.g. to write JSON lines).
+    """
+
+    def __init__(
+        self,
+        *,
+        share: str = "none",
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        fraction_evaluate: float = 1.0,
+        min_evaluate_nodes: int = 1,
+        min_available_nodes: int = 1,
+        query_timeout: float = 60.0,
+        on_round: RoundSink | None = None,
+    ) -> None:
+        if share not in p.SHARE_MODES:
+            raise ValueError(f"share={share!r}; choose one of {p.SHARE_MODES}")
+        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        for name, value in (
+            ("min_train_nodes", min_train_nodes),
+            ("min_evaluate_nodes", min_evaluate_nodes),
+            ("min_available_nodes", min_available_nodes),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.share = share
+        self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
+        self.fraction_evaluate, self.min_evaluate_nodes = fraction_evaluate, min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.query_timeout = query_timeout
+        self.on_round = on_round
+        self.identities: dict[int, p.ClientIdentity] = {}  # Flower node id -> client
+        self.group_arrays: dict[str, dict[str, np.ndarray]] = {}
+        self._bytes_down: dict[int, int] = {}
+        self._sampled: list[int] = []
+
+    # ----------------------------------------------------------------- hooks for subclasses
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """Extra config entries for every train message of this round."""
+        return {p.SEND_PACKET: False}
+
+    def train_records(
+        self, server_round: int, identities: dict[int, p.ClientIdentity]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        """Extra array records per node for this round's train messages."""
+        return {}
+
+    def validate(self, server_round: int, reply: ClientReply) -> None:
+        """Decode and check what the subclass needs from a reply (into ``reply.extras``).
+
+        Raise :class:`~mergenet_fl.PacketError` to drop the client for this round.
+        """
+
+    def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
+        """Use the validated replies; return a record for the round log."""
+        return {}
+
+    # ----------------------------------------------------------------- Flower hooks
+    def summary(self) -> None:
+        log.info("\t├──> %s: share=%s", type(self).__name__, self.share)
+        log.info(
+            "\t└──> Sampling: fraction train %.2f / evaluate %.2f, min nodes %d / %d, "
+            "min available %d",
+            self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
+            self.min_evaluate_nodes, self.min_available_nodes,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._learn_identities(grid, nodes)
+        known = {nid: self.identities[nid] for nid in nodes if nid in self.identities}
+        extras = self.train_records(server_round, known)
+        base = {**dict(config), **self.train_config(server_round)}
+        base.update({p.ROUND: server_round, p.SHARE: self.share})
+        messages = []
+        for nid in nodes:
+            content = RecordDict({p.CONFIG: ConfigRecord(dict(base))})  # a new record per node
+            for key, record in extras.get(nid, {}).items():
+                content[key] = record
+            group = known[nid].group if nid in known else None
+            if self.share != "none" and group in self.group_arrays:
+                content[p.GROUP_ARRAYS] = p.to_record(self.group_arrays[group])
+            self._bytes_down[nid] = p.array_bytes(content)
+            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
+        self._sampled = nodes
+        log.info("configure_train: round %d, %d nodes", server_round, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, dropped = self._parse(replies)
+        valid = []
+        for reply in accepted:
+            try:
+                reply.shared = self._check_shared(reply, valid)
+                self.validate(server_round, reply)
+            except PacketError as exc:
+                dropped[reply.identity.client_id] = str(exc)
+                log.warning("round %d: dropped client %r: %s", server_round, reply.identity.client_id, exc)
+                continue
+            valid.append(reply)
+        server = self.absorb(server_round, valid)
+        self._average_groups(valid)
+        metrics = self._emit(server_round, "train", valid, dropped, server)
+        return None, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        base = {**dict(config), p.ROUND: server_round}
+        self._sampled = nodes
+        for nid in nodes:
+            self._bytes_down[nid] = 0
+        return [
+            Message(
+                RecordDict({p.CONFIG: ConfigRecord(dict(base))}),
+                dst_node_id=nid,
+                message_type=MessageType.EVALUATE,
+            )
+            for nid in nodes
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        accepted, dropped = self._parse(replies)
+        return self._emit(server_round, "evaluate", accepted, dropped, {})
+
+    # ----------------------------------------------------------------- internals
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        available = len(list(grid.get_node_ids()))
+        size = max(int(available * fraction), minimum)
+        nodes, _ = sample_nodes(grid, self.min_available_nodes, size)
+        return sorted(nodes)
+
+    def _learn_identities(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes we have not heard from who they are (QUERY handshake)."""
+        unknown = [nid for nid in nodes if nid not in self.identities]
+        if not unknown:
+            return
+        queries = [
+            Message(RecordDict({p.CONFIG: ConfigRecord()}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in unknown
+        ]
+        for msg in grid.send_and_receive(queries, timeout=self.query_timeout):
+            if msg.has_error():
+                log.warning("identity query to node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                identity, _ = p.ClientIdentity.from_content(msg.content)
+            except PacketError as exc:
+                log.warning("node %d answered the identity query badly: %s", msg.metadata.src_node_id, exc)
+                continue
+            self._remember(msg.metadata.src_node_id, identity)
+
+    def _remember(self, node_id: int, identity: p.ClientIdentity) -> None:
+        # A client that reconnects comes back under a new node id: forget the old one.
+        for nid, known in list(self.identities.items()):
+            if known.client_id == identity.client_id and nid != node_id:
+                log.info("client %r moved from node %d to node %d", identity.client_id, nid, node_id)
+                del self.identities[nid]
+        self.identities[node_id] = identity
+
+    def _parse(self, replies: Iterable[Message]) -> tuple[list[ClientReply], dict[str, str]]:
+        """Identity and metrics of each reply; errors and malformed replies are dropped."""
+        accepted: list[ClientReply] = []
+        dropped: dict[str, str] = {}
+        seen: set[str] = set()
+        replied: set[int] = set()
+        for msg in replies:
+            nid = msg.metadata.src_node_id
+            replied.add(nid)
+            label = self._label(nid)
+            if msg.has_error():
+                dropped[label] = f"error reply: {msg.error.reason}"
+                log.warning("client %s failed: %s", label, msg.error.reason)
+                continue
+            try:
+                identity, manifest = p.ClientIdentity.from_content(msg.content)
+                known = self.identities.get(nid)
+                if known is not None and known.client_id != identity.client_id:
+                    raise PacketError(f"node {nid} is {known.client_id!r} but claims to be {identity.client_id!r}")
+                if identity.client_id in seen:
+                    raise PacketError(f"a second reply claims to be {identity.client_id!r}")
+                metrics = _parse_metrics(msg.content)
+            except PacketError as exc:
+                dropped[label] = str(exc)
+                log.warning("dropped reply of %s: %s", label, exc)
+                continue
+            seen.add(identity.client_id)
+            self._remember(nid, identity)
+            accepted.append(
+                ClientReply(nid, identity, manifest, metrics, msg.content, p.array_bytes(msg.content))
+            )
+        for nid in self._sampled:
+            if nid not in replied and (label := self._label(nid)) not in dropped:
+                dropped[label] = "no reply (timeout or disconnected)"
+                log.warning("no reply from %s", label)
+        return accepted, dropped
+
+    def _label(self, node_id: int) -> str:
+        return self.identities[node_id].client_id if node_id in self.identities else f"node {node_id}"
+
+    def _check_shared(self, reply: ClientReply, others: list[ClientReply]) -> dict[str, np.ndarray]:
+        """The parameters a client shares with its group, checked against its group's."""
+        if self.share == "none":
+            return {}
+        if p.SHARED not in reply.content.array_records:
+            raise PacketError("reply has no shared parameters")
+        shared = p.from_record(reply.content.array_records[p.SHARED])
+        reference = next(
+            (o.shared for o in others if o.identity.group == reply.identity.group),
+            self.group_arrays.get(reply.identity.group),
+        )
+        if reference is not None:
+            if set(shared) != set(reference):
+                diff = sorted(set(shared) ^ set(reference))[:5]
+                raise PacketError(f"shared parameters differ from the group's: {diff}")
+            bad = [k for k, v in shared.items() if v.shape != reference[k].shape]
+            if bad:
+                raise PacketError(f"shared parameters with wrong shapes: {bad[:5]}")
+        for key, value in shared.items():
+            if value.dtype.kind != "f" or not np.isfinite(value).all():
+                raise PacketError(f"shared parameter {key!r} is not finite floating point")
+        return shared
+
+    def _average_groups(self, replies: list[ClientReply]) -> None:
+        """FedAvg inside each architecture group, weighted by examples."""
+        by_group: dict[str, list[ClientReply]] = {}
+        for reply in replies:
+            if reply.shared:
+                by_group.setdefault(reply.identity.group, []).append(reply)
+        for group, members in by_group.items():
+            weights = np.array([max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members], dtype=np.float64)
+            weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(members), 1 / len(members))
+            self.group_arrays[group] = {
+                key: sum(w * r.shared[key].astype(np.float64) for w, r in zip(weights, members)).astype(
+                    members[0].shared[key].dtype
+                )
+                for key in members[0].shared
+            }
+
+    def _emit(
+        self,
+        server_round: int,
+        stage: str,
+        replies: list[ClientReply],
+        dropped: dict[str, str],
+        server: dict[str, Any],
+    ) -> MetricRecord | None:
+        """Metrics per group and overall (example-weighted), and one record to the sink."""
+        clients = {
+            r.identity.client_id: {
+                "group": r.identity.group,
+                **r.metrics,
+                "bytes_down": self._bytes_down.get(r.node_id, 0),
+                "bytes_up": r.bytes_up,
+            }
+            for r in replies
+        }
+        if self.on_round is not None:
+            self.on_round(
+                {"round": server_round, "stage": stage, "clients": clients, "dropped": dropped, "server": server}
+            )
+        if not replies:
+            return None
+        out: dict[str, float] = {}
+        groups = sorted({r.identity.group for r in replies})
+        for prefix, members in [("", replies)] + [
+            (f"{g}/", [r for r in replies if r.identity.group == g]) for g in groups
+        ]:
+            out.update({prefix + k: v for k, v in _weighted(members).items()})
+        out["bytes"] = float(sum(c["bytes_down"] + c["bytes_up"] for c in clients.values()))
+        return MetricRecord(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state that outlives a round (to save and restore a run)."""
+        return {"group_arrays": self.group_arrays}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.group_arrays = state["group_arrays"]
+
+
+def _parse_metrics(content: RecordDict) -> dict[str, float]:
+    if p.METRICS not in content.metric_records:
+        raise PacketError("reply has no 'metrics' record")
+    metrics = {}
+    for key, value in content.metric_records[p.METRICS].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[key] = float(value)
+    if metrics.get(p.NUM_EXAMPLES, -1) < 0:
+        raise PacketError(f"reply metrics have no valid {p.NUM_EXAMPLES!r}")
+    return metrics
+
+
+def _weighted(replies: list[ClientReply]) -> dict[str, float]:
+    """Example-weighted mean of every metric the replies share; ``num-examples`` is summed."""
+    total = sum(r.metrics[p.NUM_EXAMPLES] for r in replies)
+    keys = set.intersection(*(set(r.metrics) for r in replies)) - {p.NUM_EXAMPLES}
+    out = {p.NUM_EXAMPLES: total}
+    for key in sorted(keys):
+        if total > 0:
+            out[key] = sum(r.metrics[key] * r.metrics[p.NUM_EXAMPLES] for r in replies) / total
+        else:
+            out[key] = sum(r.metrics[key] for r in replies) / len(replies)
+    return out

@@ -1,0 +1,145 @@
+"""Client side of the protocol, for any ClientApp: a few calls around its own training.
+
+.. code-block:: python
+
+    @app.train()
+    def train(msg, context):
+        model = build_model()
+        load_local_model(context, model)                     # the client keeps its own model
+        installed = receive(msg, model, layers, rank=8)      # merged factors, group arrays
+        metrics = my_training(model)                         # must include "num-examples"
+        save_local_model(context, model)
+        return reply(msg, model, layers, identity, installed, metrics, rank=8)
+
+``layers`` is ``mergenet_fl.select_layers(model, spec)``; ``identity`` a
+:class:`~strategies.protocol.ClientIdentity`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from mergenet_fl import (
+    InstalledLayer,
+    PacketError,
+    SelectedLayer,
+    decode_factors,
+    encode_factors,
+    export_packet,
+    gradient_pieces,
+    install_merged,
+)
+from strategies import protocol as p
+
+MODEL_KEY = "mergenet.model"
+
+
+def load_local_model(context: Context, model: nn.Module) -> bool:
+    """Restore the model this node trained in earlier rounds; False on the first round."""
+    if MODEL_KEY not in context.state.array_records:
+        return False
+    model.load_state_dict(context.state.array_records[MODEL_KEY].to_torch_state_dict())
+    return True
+
+
+def save_local_model(context: Context, model: nn.Module) -> None:
+    """Keep the model in ``context.state`` (it persists per node for the whole run)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    context.state.array_records[MODEL_KEY] = ArrayRecord(state)
+
+
+def shared_state(model: nn.Module, layers: Sequence[SelectedLayer], mode: str) -> dict:
+    """The floating-point entries of ``model.state_dict()`` a client shares with its group.
+
+    ``"all"``: every one; ``"unselected"``: all but the transfer layers' weights; ``"none"``.
+    """
+    if mode not in p.SHARE_MODES:
+        raise ValueError(f"share mode {mode!r}; choose one of {p.SHARE_MODES}")
+    if mode == "none":
+        return {}
+    skip = {f"{layer.name}.weight" for layer in layers} if mode == "unselected" else set()
+    return {
+        k: v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if k not in skip and torch.is_floating_point(v)
+    }
+
+
+def receive(
+    msg: Message, model: nn.Module, layers: Sequence[SelectedLayer], *, rank: int
+) -> dict[str, InstalledLayer]:
+    """Load the group's averaged parameters and install merged factors from a train message.
+
+    Returns what :func:`reply` needs to compute the gradient pieces. Raises
+    :class:`~mergenet_fl.PacketError` naming the problem if the message is malformed.
+    """
+    content = msg.content
+    if p.GROUP_ARRAYS in content.array_records:
+        group = content.array_records[p.GROUP_ARRAYS].to_torch_state_dict()
+        own = model.state_dict()
+        bad = [k for k, v in group.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise PacketError(f"group arrays do not fit this model: {bad[:5]}")
+        model.load_state_dict(group, strict=False)
+    if p.MERGED not in content.array_records:
+        return {}
+    arrays = p.from_record(content.array_records[p.MERGED])
+    shapes = {layer.name: layer.matrix_shape for layer in layers}
+    unknown = sorted({key.rsplit("/", 1)[0] for key in arrays} - set(shapes))
+    if unknown:
+        raise PacketError(f"merged factors for layers that are not selected: {unknown}")
+    names = {key.rsplit("/", 1)[0] for key in arrays}
+    config = content.config_records.get(p.CONFIG, ConfigRecord())
+    merged = decode_factors(
+        arrays,
+        {n: shapes[n] for n in names},
+        max_rank=int(config.get(p.ADAPTER_RANK, rank)),
+        what="merged factors",
+    )
+    return install_merged(model, layers, merged, rank)
+
+
+def reply(
+    msg: Message,
+    model: nn.Module,
+    layers: Sequence[SelectedLayer],
+    identity: p.ClientIdentity,
+    installed: Mapping[str, InstalledLayer],
+    metrics: Mapping[str, float],
+    *,
+    rank: int,
+) -> Message:
+    """The reply to a train message: metrics, and the packet, pieces and shared parameters
+    the server asked for."""
+    if p.NUM_EXAMPLES not in metrics:
+        raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")
+    config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
+    content = RecordDict({p.METRICS: MetricRecord(dict(metrics))})
+    manifest = ""
+    if config.get(p.SEND_PACKET, False):
+        arrays, manifest = export_packet(model, layers, rank).to_wire()
+        content[p.PACKET] = p.to_record(arrays)
+    if installed:
+        content[p.PIECES] = p.to_record(encode_factors(gradient_pieces(model, layers, installed)))
+    shared = shared_state(model, layers, str(config.get(p.SHARE, "none")))
+    if shared:
+        content[p.SHARED] = ArrayRecord(shared)
+    content[p.IDENTITY] = identity.to_record(manifest)
+    return Message(content, reply_to=msg)
+
+
+def query_reply(msg: Message, identity: p.ClientIdentity) -> Message:
+    """Answer the server's identity handshake."""
+    return Message(RecordDict({p.IDENTITY: identity.to_record()}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, identity: p.ClientIdentity, metrics: Mapping[str, float]) -> Message:
+    """The reply to an evaluate message (metrics must include ``num-examples``)."""
+    if p.NUM_EXAMPLES not in metrics:
+        raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")
+    content = RecordDict({p.METRICS: MetricRecord(dict(metrics)), p.IDENTITY: identity.to_record()})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,173 @@
+"""MergeNet as a Flower strategy: every client is a peer, the LPKA adapter lives on the server.
+
+Rounds follow the knowledge-transfer cycle: round ``r`` is a transfer round when
+``r > 1`` and ``(r - 1) % transfer_every == 0``; the other rounds are self-learning only.
+In the round before a transfer round clients send their knowledge packets; in a transfer
+round each node gets its own merged factors, installs them, trains, and answers with the
+gradient pieces that update the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from mergenet_fl import (
+    Generation,
+    HypernetConfig,
+    Hypernetwork,
+    KnowledgeBank,
+    KnowledgePacket,
+    PacketError,
+    decode_factors,
+    encode_factors,
+)
+from strategies import protocol as p
+from strategies.base import ClientReply, PeerStrategy
+
+log = logging.getLogger(__name__)
+
+
+class MergeNet(PeerStrategy):
+    """Knowledge transfer across heterogeneous clients through a server-side LPKA adapter.
+
+    Parameters
+    ----------
+    hypernet:
+        The adapter, its optimiser and how sources are formed.
+    transfer_every:
+        Rounds per knowledge-transfer cycle (``T_cyc``); self-learning in between.
+    max_packet_values:
+        Largest packet (in numbers) accepted from a client.
+    max_packet_age:
+        Forget packets older than this many rounds (``None``: keep each client's last).
+    **kwargs:
+        :class:`~strategies.base.PeerStrategy` options (``share``, sampling, ``on_round``).
+    """
+
+    def __init__(
+        self,
+        *,
+        hypernet: HypernetConfig | None = None,
+        transfer_every: int = 1,
+        max_packet_values: int = 50_000_000,
+        max_packet_age: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if transfer_every < 1:
+            raise ValueError(f"transfer_every must be >= 1, got {transfer_every}")
+        if max_packet_age is not None and max_packet_age < 0:
+            raise ValueError(f"max_packet_age must be >= 0 or None, got {max_packet_age}")
+        self.hypernet = Hypernetwork(hypernet or HypernetConfig())
+        self.transfer_every = transfer_every
+        self.max_packet_values = max_packet_values
+        self.max_packet_age = max_packet_age
+        self.bank = KnowledgeBank()
+        self.generation: Generation | None = None
+
+    def is_transfer_round(self, server_round: int) -> bool:
+        return server_round > 1 and (server_round - 1) % self.transfer_every == 0
+
+    def summary(self) -> None:
+        super().summary()
+        cfg = self.hypernet.cfg
+        log.info(
+            "\t└──> MergeNet: adapter %s (rank %d, dim %d, heads %d, layers %d), transfer every "
+            "%d rounds, %s %s, lr %g",
+            cfg.adapter.variant, cfg.adapter.rank, cfg.adapter.dim, cfg.adapter.heads,
+            cfg.adapter.layers, self.transfer_every, cfg.optimizer,
+            "group summaries" if cfg.summarize_groups else "per-client sources", cfg.lr,
+        )
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        return {
+            p.SEND_PACKET: self.is_transfer_round(server_round + 1),
+            p.ADAPTER_RANK: self.hypernet.rank,
+        }
+
+    def train_records(
+        self, server_round: int, identities: dict[int, p.ClientIdentity]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        self.generation = None
+        if not self.is_transfer_round(server_round):
+            return {}
+        targets = [i.client_id for i in identities.values() if not i.send_only]
+        merged, self.generation = self.hypernet.generate(self.bank, targets, server_round)
+        log.info(
+            "round %d: merged factors for %d of %d sampled clients",
+            server_round, len(merged), len(identities),
+        )
+        return {
+            nid: {p.MERGED: p.to_record(encode_factors(merged[ident.client_id]))}
+            for nid, ident in identities.items()
+            if ident.client_id in merged
+        }
+
+    def validate(self, server_round: int, reply: ClientReply) -> None:
+        cid, records = reply.identity.client_id, reply.content.array_records
+        if p.PACKET in records:
+            packet = KnowledgePacket.from_wire(
+                p.from_record(records[p.PACKET]),
+                reply.manifest,
+                max_rank=self.hypernet.rank,
+                max_values=self.max_packet_values,
+            )
+            self.bank.check(cid, packet, reply.identity.group)
+            reply.extras["packet"] = packet
+        sent = self.generation.targets().get(cid) if self.generation else None
+        if sent and p.PIECES not in records:
+            raise PacketError("got merged factors but sent no gradient pieces")
+        if p.PIECES in records:
+            if not sent:
+                raise PacketError("sent gradient pieces without having merged factors")
+            pieces = decode_factors(
+                p.from_record(records[p.PIECES]),
+                {layer: (m, n) for layer, (m, _, n) in sent.items()},
+                max_rank=self.hypernet.rank,
+                what="gradient pieces",
+            )
+            self.generation.check_pieces(cid, pieces)
+            reply.extras["pieces"] = pieces
+
+    def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        pieces = {r.identity.client_id: r.extras["pieces"] for r in replies if "pieces" in r.extras}
+        if self.generation is not None and pieces:
+            stats = self.hypernet.update(self.generation, pieces)
+            log.info(
+                "round %d: adapter step from %d clients (gradient norm %.3g)",
+                server_round, len(pieces), stats["grad_norm"],
+            )
+        for reply in replies:
+            if "packet" not in reply.extras:
+                continue
+            try:  # two new members of one group may disagree within the same round
+                self.bank.put(
+                    reply.identity.client_id,
+                    reply.extras["packet"],
+                    group=reply.identity.group,
+                    round=server_round,
+                    send_only=reply.identity.send_only,
+                )
+            except PacketError as exc:
+                log.warning("round %d: packet of %r not stored: %s", server_round, reply.identity.client_id, exc)
+        if self.max_packet_age is not None:
+            self.bank.forget_older_than(server_round, self.max_packet_age)
+        self.generation = None
+        return {**stats, "bank": len(self.bank), "transfer": self.is_transfer_round(server_round)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "hypernet": self.hypernet.state_dict(),
+            "bank": self.bank.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.hypernet = Hypernetwork(self.hypernet.cfg)
+        self.hypernet.load_state_dict(state["hypernet"])
+        self.bank.load_state_dict(state["bank"])

@@ -1,0 +1,95 @@
+"""The wire protocol shared by the strategies and the client helpers: record names and codecs.
+
+Server -> client (``TRAIN``): ``config`` (ConfigRecord), and when there is something to send,
+``merged`` (merged factors ``"<layer>/A"``, ``"<layer>/B"``) and ``group-arrays`` (the
+architecture group's averaged parameters).
+
+Client -> server: ``identity`` (ConfigRecord: ``client-id``, ``group``, ``send-only`` and the
+packet ``manifest``), ``metrics`` (MetricRecord with ``num-examples``), and as asked:
+``packet`` (its knowledge packet), ``pieces`` (hypernetwork gradient pieces), ``shared`` (the
+parameters it shares with its group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from mergenet_fl import PacketError
+
+CONFIG = "config"
+MERGED = "merged"
+GROUP_ARRAYS = "group-arrays"
+IDENTITY = "identity"
+METRICS = "metrics"
+PACKET = "packet"
+PIECES = "pieces"
+SHARED = "shared"
+
+# Config keys the strategies set on every train message.
+ROUND = "server-round"
+SEND_PACKET = "send-packet"
+SHARE = "share"
+ADAPTER_RANK = "adapter-rank"
+SHARE_MODES = ("none", "unselected", "all")
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """Who a client is, independent of its Flower node id, and which group it belongs to."""
+
+    client_id: str
+    group: str
+    send_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.client_id or not self.group:
+            raise ValueError("ClientIdentity needs a non-empty client_id and group")
+
+    def to_record(self, manifest: str = "") -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "client-id": self.client_id,
+                "group": self.group,
+                "send-only": self.send_only,
+                "manifest": manifest,
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> tuple[ClientIdentity, str]:
+        """The identity and packet manifest in a reply; :class:`PacketError` if malformed."""
+        if IDENTITY not in content.config_records:
+            raise PacketError("reply has no 'identity' record")
+        rec = content.config_records[IDENTITY]
+        cid, group = rec.get("client-id"), rec.get("group")
+        send_only, manifest = rec.get("send-only", False), rec.get("manifest", "")
+        if not isinstance(cid, str) or not cid or not isinstance(group, str) or not group:
+            raise PacketError(f"reply identity has no valid client-id/group: {dict(rec)!r:.200}")
+        if not isinstance(send_only, bool) or not isinstance(manifest, str):
+            raise PacketError("reply identity has a malformed send-only or manifest field")
+        return cls(cid, group, send_only), manifest
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Flat named arrays -> ArrayRecord (names kept)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> flat named arrays; :class:`PacketError` if an array cannot be decoded."""
+    out = {}
+    for key in record:
+        try:
+            out[key] = record[key].numpy()
+        except Exception as exc:  # a hostile payload can break deserialisation in many ways
+            raise PacketError(f"array {key!r} cannot be decoded: {exc}") from None
+    return out
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of all arrays in a message's content."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())

@@ -1,0 +1,119 @@
+"""An in-process federation for strategy tests: real messages, real client helpers, no Ray.
+
+``FakeGrid`` delivers each message to a :class:`TinyClient` that runs the same code a
+ClientApp runs (``strategies.client``), so the strategy is tested against the real protocol.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from mergenet_fl import LayerSpec, select_layers
+from strategies import client as mc
+from strategies.protocol import ClientIdentity
+
+RANK = 4
+
+
+def set_task_identity() -> None:
+    """Messages need a run id, which the Flower runtime normally sets."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 3))
+
+
+ARCHS = {"mlp": (mlp, ["3"]), "cnn": (cnn, ["0"])}
+
+
+class TinyClient:
+    """A client with its own model, data and ``context.state``."""
+
+    def __init__(self, client_id: str, arch: str, seed: int) -> None:
+        build, targets = ARCHS[arch]
+        self.build, self.seed = build, seed
+        self.identity = ClientIdentity(client_id, arch)
+        self.context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(32, 3, 2, 2, generator=gen)
+        self.y = (self.x.sum(dim=(1, 2, 3)) > 0).long() + (self.x[:, 0, 0, 0] > 1).long()
+        self.layers = select_layers(build(seed), LayerSpec(targets))
+        self.on_train: Callable[[Message], None] | None = None  # fault injection
+
+    def model(self) -> nn.Module:
+        model = self.build(self.seed)
+        mc.load_local_model(self.context, model)
+        return model
+
+    def train(self, msg: Message) -> Message:
+        if self.on_train is not None:
+            self.on_train(msg)
+        model = self.model()
+        installed = mc.receive(msg, model, self.layers, rank=RANK)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(self.x), self.y)
+            loss.backward()
+            opt.step()
+        mc.save_local_model(self.context, model)
+        metrics = {"num-examples": len(self.y), "train_loss": loss.item()}
+        return mc.reply(msg, model, self.layers, self.identity, installed, metrics, rank=RANK)
+
+    def evaluate(self, msg: Message) -> Message:
+        model = self.model()
+        with torch.no_grad():
+            acc = float((model(self.x).argmax(1) == self.y).float().mean())
+        return mc.evaluate_reply(msg, self.identity, {"num-examples": len(self.y), "accuracy": acc})
+
+
+class FakeGrid:
+    """Node ids are random 64-bit numbers, as in Flower; ``drop`` nodes never answer."""
+
+    def __init__(self, clients: Iterable[TinyClient], seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.nodes = {rng.getrandbits(63): c for c in clients}
+        self.drop: set[int] = set()
+        self.tamper: Callable[[int, Message], Message] | None = None
+        self.sent: list[Message] = []
+
+    def node_of(self, client_id: str) -> int:
+        return next(n for n, c in self.nodes.items() if c.identity.client_id == client_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            nid = msg.metadata.dst_node_id
+            if nid in self.drop:
+                continue
+            client = self.nodes[nid]
+            try:
+                if msg.metadata.message_type == MessageType.QUERY:
+                    reply = mc.query_reply(msg, client.identity)
+                elif msg.metadata.message_type == MessageType.TRAIN:
+                    reply = client.train(msg)
+                else:
+                    reply = client.evaluate(msg)
+            except Exception as exc:  # what the ClientApp runtime turns into an error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if self.tamper is not None and not reply.has_error():
+                reply = self.tamper(nid, reply)
+            replies.append(reply)
+        return replies
