@@ -66,9 +66,7 @@ class AdapterConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"AdapterConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.heads:
-            raise ValueError(
-                f"AdapterConfig.dim={self.dim} is not divisible by heads={self.heads}"
-            )
+            raise ValueError(f"AdapterConfig.dim={self.dim} is not divisible by heads={self.heads}")
         if self.max_source_tokens is not None and self.max_source_tokens < 1:
             raise ValueError(
                 f"AdapterConfig.max_source_tokens must be >= 1 or None, "
@@ -84,7 +82,7 @@ class AdapterConfig:
 
 
 def read(x: torch.Tensor, reading: str) -> torch.Tensor:
-    """Tokens of a factor ``(..., p, q)``: ``rows`` -> ``(..., p, q)``, ``cols`` -> ``(..., q, p)``."""
+    """Tokens of ``x: (..., p, q)``: ``rows`` -> ``(..., p, q)``, ``cols`` -> ``(..., q, p)``."""
     return x if reading == "rows" else x.transpose(-1, -2)
 
 
@@ -163,7 +161,9 @@ class WidthLinear(nn.Module):
             return []
         layer = nn.Linear(width, self.dim) if self.to_dim else nn.Linear(self.dim, width)
         if self.to_dim:
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{self.path}:{key}".encode()))
+            gen = torch.Generator().manual_seed(
+                zlib.crc32(f"{self.seed}:{self.path}:{key}".encode())
+            )
             bound = width**-0.5
             with torch.no_grad():
                 layer.weight.uniform_(-bound, bound, generator=gen)
@@ -175,7 +175,7 @@ class WidthLinear(nn.Module):
         return list(layer.parameters())
 
     def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
-        """``(..., width) -> (..., dim)``, or ``(..., dim) -> (..., width)`` when ``to_dim=False``."""
+        """``(..., w) -> (..., dim)``; with ``to_dim=False``, ``(..., dim) -> (..., w)``."""
         return self.by_width[str(x.shape[-1] if self.to_dim else width)](x)
 
 
@@ -275,8 +275,12 @@ class SourceMLP(nn.Module):
             blocks += [nn.Linear(len(readings) * cfg.dim, len(readings) * cfg.dim), nn.GELU()]
         self.mlp = nn.Sequential(*blocks)
         self.head = nn.ModuleDict(
-            {f: WidthLinear(len(readings) * cfg.dim, to_dim=False, seed=cfg.seed, path=f"mlp.{f}")
-             for f in FACTORS}
+            {
+                f: WidthLinear(
+                    len(readings) * cfg.dim, to_dim=False, seed=cfg.seed, path=f"mlp.{f}"
+                )
+                for f in FACTORS
+            }
         )
 
     def forward(
@@ -326,7 +330,9 @@ class LPKA(nn.Module):
         if isinstance(self.body, SourceMLP):
             for f in FACTORS:
                 for reading in READINGS:
-                    new += self.body.embed[f"{f}_{reading}"].register(token_width(f, reading, m, n, r))
+                    new += self.body.embed[f"{f}_{reading}"].register(
+                        token_width(f, reading, m, n, r)
+                    )
             new += self.body.head["A"].register(m * r) + self.body.head["B"].register(r * n)
             return new
         for ktl in self.body:

@@ -107,7 +107,12 @@ class KnowledgeBank:
                 "round": e.round,
                 "send_only": e.send_only,
                 "layers": {
-                    n: {"a": lf.a, "b": lf.b, "weight_shape": list(lf.weight_shape), "kind": lf.kind}
+                    n: {
+                        "a": lf.a,
+                        "b": lf.b,
+                        "weight_shape": list(lf.weight_shape),
+                        "kind": lf.kind,
+                    }
                     for n, lf in e.packet.layers.items()
                 },
             }
@@ -121,5 +126,7 @@ class KnowledgeBank:
                 n: LayerFactors(lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"])
                 for n, lf in e["layers"].items()
             }
-            entries[cid] = BankEntry(KnowledgePacket(layers), e["group"], e["round"], e["send_only"])
+            entries[cid] = BankEntry(
+                KnowledgePacket(layers), e["group"], e["round"], e["send_only"]
+            )
         self._entries = entries

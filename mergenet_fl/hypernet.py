@@ -197,7 +197,8 @@ class Hypernetwork:
         """Merged factors ``{client: {layer: (A': (m, R), B': (R, n))}}`` and their record."""
         jobs = self.plan(bank, targets)
         self.register_shapes(
-            [(j.a.shape[1], j.b.shape[2]) for j in jobs] + [s for j in jobs for s in j.sources.shapes]
+            [(j.a.shape[1], j.b.shape[2]) for j in jobs]
+            + [s for j in jobs for s in j.sources.shapes]
         )
         merged: dict[str, dict[str, FactorPair]] = {}
         self.adapter.eval()
@@ -231,11 +232,14 @@ class Hypernetwork:
                 step = torch.autograd.grad(
                     (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
                 )
-                grads = [g if s is None else (s if g is None else g + s) for g, s in zip(grads, step)]
+                grads = [
+                    g if s is None else (s if g is None else g + s)
+                    for g, s in zip(grads, step, strict=True)
+                ]
                 used += len(chunk)
         if used == 0 or self.optimizer is None:
             return {"pieces": 0, "grad_norm": 0.0}
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))

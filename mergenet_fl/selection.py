@@ -114,9 +114,7 @@ def candidate_names(model: nn.Module, limit: int = 8) -> list[str]:
 
 
 def _is_supported(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (
-        isinstance(module, nn.Conv2d) and module.groups == 1
-    )
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
 def describe_selection(model: nn.Module, spec: LayerSpec) -> str:

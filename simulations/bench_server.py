@@ -92,7 +92,7 @@ def run_one(clients: int, rank: int, device_name: str, seed: int) -> dict:
     up = down = full = 0
     for cid in targets:
         packet = bank.get(cid).packet
-        (pa, pb), = merged[cid].values()
+        ((pa, pb),) = merged[cid].values()
         up += packet.num_values() + pa.numel() + pb.numel()
         down += pa.numel() + pb.numel()
         full += 2 * sum(m * n for m, n in packet.matrix_shapes().values())  # FedAvg: both ways
@@ -126,8 +126,19 @@ def main() -> None:
         print(json.dumps(run_one(args.clients[0], args.rank, args.device, args.seed)), flush=True)
         return
     for n in args.clients:
-        cmd = [sys.executable, "-m", "simulations.bench_server", "--clients", str(n),
-               "--rank", str(args.rank), "--device", args.device, "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "simulations.bench_server",
+            "--clients",
+            str(n),
+            "--rank",
+            str(args.rank),
+            "--device",
+            args.device,
+            "--seed",
+            str(args.seed),
+        ]
         subprocess.run(cmd, check=True)
 
 

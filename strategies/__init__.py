@@ -1,7 +1,7 @@
 """Flower strategies for heterogeneous federations: MergeNet and its baselines."""
 
-from strategies.baselines import GroupFedAvg, LocalOnly
 from strategies.base import ClientReply, PeerStrategy
+from strategies.baselines import GroupFedAvg, LocalOnly
 from strategies.mergenet import MergeNet
 from strategies.protocol import ClientIdentity
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +75,10 @@ class PeerStrategy(Strategy):
     ) -> None:
         if share not in p.SHARE_MODES:
             raise ValueError(f"share={share!r}; choose one of {p.SHARE_MODES}")
-        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+        for name, value in (
+            ("fraction_train", fraction_train),
+            ("fraction_evaluate", fraction_evaluate),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name, value in (
@@ -122,8 +126,11 @@ class PeerStrategy(Strategy):
         log.info(
             "\t└──> Sampling: fraction train %.2f / evaluate %.2f, min nodes %d / %d, "
             "min available %d",
-            self.fraction_train, self.fraction_evaluate, self.min_train_nodes,
-            self.min_evaluate_nodes, self.min_available_nodes,
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.min_train_nodes,
+            self.min_evaluate_nodes,
+            self.min_available_nodes,
         )
 
     def configure_train(
@@ -133,15 +140,18 @@ class PeerStrategy(Strategy):
         self._learn_identities(grid, nodes)
         known = {nid: self.identities[nid] for nid in nodes if nid in self.identities}
         extras = self.train_records(server_round, known)
-        base = {**dict(config), **self.train_config(server_round)}
-        base.update({p.ROUND: server_round, p.SHARE: self.share})
+        base = {**dict(config), **self.train_config(server_round), p.ROUND: server_round}
+        sizes = Counter(i.group for i in self.identities.values())
         messages = []
         for nid in nodes:
-            content = RecordDict({p.CONFIG: ConfigRecord(dict(base))})  # a new record per node
+            group = known[nid].group if nid in known else None
+            # Averaging inside a group of one would only send a model back and forth.
+            share = self.share if sizes[group] > 1 else "none"
+            config_record = ConfigRecord({**base, p.SHARE: share})  # a new record per node
+            content = RecordDict({p.CONFIG: config_record})
             for key, record in extras.get(nid, {}).items():
                 content[key] = record
-            group = known[nid].group if nid in known else None
-            if self.share != "none" and group in self.group_arrays:
+            if share != "none" and group in self.group_arrays:
                 content[p.GROUP_ARRAYS] = p.to_record(self.group_arrays[group])
             self._bytes_down[nid] = p.array_bytes(content)
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
@@ -160,7 +170,9 @@ class PeerStrategy(Strategy):
                 self.validate(server_round, reply)
             except PacketError as exc:
                 dropped[reply.identity.client_id] = str(exc)
-                log.warning("round %d: dropped client %r: %s", server_round, reply.identity.client_id, exc)
+                log.warning(
+                    "round %d: dropped client %r: %s", server_round, reply.identity.client_id, exc
+                )
                 continue
             valid.append(reply)
         server = self.absorb(server_round, valid)
@@ -187,7 +199,9 @@ class PeerStrategy(Strategy):
             for nid in nodes
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         accepted, dropped = self._parse(replies)
         return self._emit(server_round, "evaluate", accepted, dropped, {})
 
@@ -204,17 +218,27 @@ class PeerStrategy(Strategy):
         if not unknown:
             return
         queries = [
-            Message(RecordDict({p.CONFIG: ConfigRecord()}), dst_node_id=nid, message_type=MessageType.QUERY)
+            Message(
+                RecordDict({p.CONFIG: ConfigRecord()}),
+                dst_node_id=nid,
+                message_type=MessageType.QUERY,
+            )
             for nid in unknown
         ]
         for msg in grid.send_and_receive(queries, timeout=self.query_timeout):
             if msg.has_error():
-                log.warning("identity query to node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
+                log.warning(
+                    "identity query to node %d failed: %s",
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
                 continue
             try:
                 identity, _ = p.ClientIdentity.from_content(msg.content)
             except PacketError as exc:
-                log.warning("node %d answered the identity query badly: %s", msg.metadata.src_node_id, exc)
+                log.warning(
+                    "node %d answered the identity query badly: %s", msg.metadata.src_node_id, exc
+                )
                 continue
             self._remember(msg.metadata.src_node_id, identity)
 
@@ -222,7 +246,9 @@ class PeerStrategy(Strategy):
         # A client that reconnects comes back under a new node id: forget the old one.
         for nid, known in list(self.identities.items()):
             if known.client_id == identity.client_id and nid != node_id:
-                log.info("client %r moved from node %d to node %d", identity.client_id, nid, node_id)
+                log.info(
+                    "client %r moved from node %d to node %d", identity.client_id, nid, node_id
+                )
                 del self.identities[nid]
         self.identities[node_id] = identity
 
@@ -244,7 +270,9 @@ class PeerStrategy(Strategy):
                 identity, manifest = p.ClientIdentity.from_content(msg.content)
                 known = self.identities.get(nid)
                 if known is not None and known.client_id != identity.client_id:
-                    raise PacketError(f"node {nid} is {known.client_id!r} but claims to be {identity.client_id!r}")
+                    raise PacketError(
+                        f"node {nid} is {known.client_id!r} but claims to be {identity.client_id!r}"
+                    )
                 if identity.client_id in seen:
                     raise PacketError(f"a second reply claims to be {identity.client_id!r}")
                 metrics = _parse_metrics(msg.content)
@@ -255,7 +283,9 @@ class PeerStrategy(Strategy):
             seen.add(identity.client_id)
             self._remember(nid, identity)
             accepted.append(
-                ClientReply(nid, identity, manifest, metrics, msg.content, p.array_bytes(msg.content))
+                ClientReply(
+                    nid, identity, manifest, metrics, msg.content, p.array_bytes(msg.content)
+                )
             )
         for nid in self._sampled:
             if nid not in replied and (label := self._label(nid)) not in dropped:
@@ -264,14 +294,16 @@ class PeerStrategy(Strategy):
         return accepted, dropped
 
     def _label(self, node_id: int) -> str:
-        return self.identities[node_id].client_id if node_id in self.identities else f"node {node_id}"
+        return (
+            self.identities[node_id].client_id if node_id in self.identities else f"node {node_id}"
+        )
 
     def _check_shared(self, reply: ClientReply, others: list[ClientReply]) -> dict[str, np.ndarray]:
         """The parameters a client shares with its group, checked against its group's."""
-        if self.share == "none":
-            return {}
         if p.SHARED not in reply.content.array_records:
-            raise PacketError("reply has no shared parameters")
+            return {}
+        if self.share == "none":
+            raise PacketError("reply has shared parameters, but nothing is shared")
         shared = p.from_record(reply.content.array_records[p.SHARED])
         reference = next(
             (o.shared for o in others if o.identity.group == reply.identity.group),
@@ -296,12 +328,21 @@ class PeerStrategy(Strategy):
             if reply.shared:
                 by_group.setdefault(reply.identity.group, []).append(reply)
         for group, members in by_group.items():
-            weights = np.array([max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members], dtype=np.float64)
-            weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(members), 1 / len(members))
+            if len(members) < 2:
+                continue
+            weights = np.array(
+                [max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members], dtype=np.float64
+            )
+            weights = (
+                weights / weights.sum()
+                if weights.sum() > 0
+                else np.full(len(members), 1 / len(members))
+            )
             self.group_arrays[group] = {
-                key: sum(w * r.shared[key].astype(np.float64) for w, r in zip(weights, members)).astype(
-                    members[0].shared[key].dtype
-                )
+                key: sum(
+                    w * r.shared[key].astype(np.float64)
+                    for w, r in zip(weights, members, strict=True)
+                ).astype(members[0].shared[key].dtype)
                 for key in members[0].shared
             }
 
@@ -325,7 +366,13 @@ class PeerStrategy(Strategy):
         }
         if self.on_round is not None:
             self.on_round(
-                {"round": server_round, "stage": stage, "clients": clients, "dropped": dropped, "server": server}
+                {
+                    "round": server_round,
+                    "stage": stage,
+                    "clients": clients,
+                    "dropped": dropped,
+                    "server": server,
+                }
             )
         if not replies:
             return None

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,6 +37,7 @@ from mergenet_fl import (
 from strategies import protocol as p
 
 MODEL_KEY = "mergenet.model"
+MERGENET_SECONDS = "mergenet_seconds"
 
 
 def load_local_model(context: Context, model: nn.Module) -> bool:
@@ -114,11 +116,16 @@ def reply(
     rank: int,
 ) -> Message:
     """The reply to a train message: metrics, and the packet, pieces and shared parameters
-    the server asked for."""
+    the server asked for.
+
+    The time spent here is added to ``metrics["mergenet_seconds"]`` (pass the time of
+    :func:`receive` there to report MergeNet's whole client-side overhead).
+    """
     if p.NUM_EXAMPLES not in metrics:
         raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")
+    start = time.perf_counter()
     config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
-    content = RecordDict({p.METRICS: MetricRecord(dict(metrics))})
+    content = RecordDict()
     manifest = ""
     if config.get(p.SEND_PACKET, False):
         arrays, manifest = export_packet(model, layers, rank).to_wire()
@@ -129,6 +136,8 @@ def reply(
     if shared:
         content[p.SHARED] = ArrayRecord(shared)
     content[p.IDENTITY] = identity.to_record(manifest)
+    overhead = float(metrics.get(MERGENET_SECONDS, 0.0)) + time.perf_counter() - start
+    content[p.METRICS] = MetricRecord({**metrics, MERGENET_SECONDS: overhead})
     return Message(content, reply_to=msg)
 
 
@@ -137,7 +146,9 @@ def query_reply(msg: Message, identity: p.ClientIdentity) -> Message:
     return Message(RecordDict({p.IDENTITY: identity.to_record()}), reply_to=msg)
 
 
-def evaluate_reply(msg: Message, identity: p.ClientIdentity, metrics: Mapping[str, float]) -> Message:
+def evaluate_reply(
+    msg: Message, identity: p.ClientIdentity, metrics: Mapping[str, float]
+) -> Message:
     """The reply to an evaluate message (metrics must include ``num-examples``)."""
     if p.NUM_EXAMPLES not in metrics:
         raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")

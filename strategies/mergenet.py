@@ -77,9 +77,15 @@ class MergeNet(PeerStrategy):
         log.info(
             "\t└──> MergeNet: adapter %s (rank %d, dim %d, heads %d, layers %d), transfer every "
             "%d rounds, %s %s, lr %g",
-            cfg.adapter.variant, cfg.adapter.rank, cfg.adapter.dim, cfg.adapter.heads,
-            cfg.adapter.layers, self.transfer_every, cfg.optimizer,
-            "group summaries" if cfg.summarize_groups else "per-client sources", cfg.lr,
+            cfg.adapter.variant,
+            cfg.adapter.rank,
+            cfg.adapter.dim,
+            cfg.adapter.heads,
+            cfg.adapter.layers,
+            self.transfer_every,
+            cfg.optimizer,
+            "group summaries" if cfg.summarize_groups else "per-client sources",
+            cfg.lr,
         )
 
     def train_config(self, server_round: int) -> dict[str, Any]:
@@ -98,7 +104,9 @@ class MergeNet(PeerStrategy):
         merged, self.generation = self.hypernet.generate(self.bank, targets, server_round)
         log.info(
             "round %d: merged factors for %d of %d sampled clients",
-            server_round, len(merged), len(identities),
+            server_round,
+            len(merged),
+            len(identities),
         )
         return {
             nid: {p.MERGED: p.to_record(encode_factors(merged[ident.client_id]))}
@@ -139,7 +147,9 @@ class MergeNet(PeerStrategy):
             stats = self.hypernet.update(self.generation, pieces)
             log.info(
                 "round %d: adapter step from %d clients (gradient norm %.3g)",
-                server_round, len(pieces), stats["grad_norm"],
+                server_round,
+                len(pieces),
+                stats["grad_norm"],
             )
         for reply in replies:
             if "packet" not in reply.extras:
@@ -153,7 +163,12 @@ class MergeNet(PeerStrategy):
                     send_only=reply.identity.send_only,
                 )
             except PacketError as exc:
-                log.warning("round %d: packet of %r not stored: %s", server_round, reply.identity.client_id, exc)
+                log.warning(
+                    "round %d: packet of %r not stored: %s",
+                    server_round,
+                    reply.identity.client_id,
+                    exc,
+                )
         if self.max_packet_age is not None:
             self.bank.forget_older_than(server_round, self.max_packet_age)
         self.generation = None

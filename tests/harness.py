@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
@@ -33,7 +34,9 @@ def mlp(seed: int) -> nn.Module:
 
 def cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 3)
+    )
 
 
 ARCHS = {"mlp": (mlp, ["3"]), "cnn": (cnn, ["0"])}
@@ -46,7 +49,9 @@ class TinyClient:
         build, targets = ARCHS[arch]
         self.build, self.seed = build, seed
         self.identity = ClientIdentity(client_id, arch)
-        self.context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        self.context = Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        )
         gen = torch.Generator().manual_seed(seed)
         self.x = torch.randn(32, 3, 2, 2, generator=gen)
         self.y = (self.x.sum(dim=(1, 2, 3)) > 0).long() + (self.x[:, 0, 0, 0] > 1).long()
@@ -73,6 +78,14 @@ class TinyClient:
         metrics = {"num-examples": len(self.y), "train_loss": loss.item()}
         return mc.reply(msg, model, self.layers, self.identity, installed, metrics, rank=RANK)
 
+    def __call__(self, msg: Message) -> Message:
+        """What a ClientApp does with a message: dispatch on its type."""
+        if msg.metadata.message_type == MessageType.QUERY:
+            return mc.query_reply(msg, self.identity)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return self.train(msg)
+        return self.evaluate(msg)
+
     def evaluate(self, msg: Message) -> Message:
         model = self.model()
         with torch.no_grad():
@@ -81,14 +94,17 @@ class TinyClient:
 
 
 class FakeGrid:
-    """Node ids are random 64-bit numbers, as in Flower; ``drop`` nodes never answer."""
+    """Delivers each message to its node's handler (a :class:`TinyClient`, or a real
+    ClientApp via :func:`app_nodes`). Node ids are random 64-bit numbers, as in Flower;
+    ``drop`` nodes never answer; ``tamper`` may rewrite replies."""
 
-    def __init__(self, clients: Iterable[TinyClient], seed: int = 0) -> None:
+    def __init__(self, handlers: Iterable[Callable[[Message], Message]], seed: int = 0) -> None:
         rng = random.Random(seed)
-        self.nodes = {rng.getrandbits(63): c for c in clients}
+        self.nodes = {rng.getrandbits(63): h for h in handlers}
         self.drop: set[int] = set()
         self.tamper: Callable[[int, Message], Message] | None = None
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
 
     def node_of(self, client_id: str) -> int:
         return next(n for n, c in self.nodes.items() if c.identity.client_id == client_id)
@@ -96,24 +112,37 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> list[Message]:
         replies = []
         for msg in messages:
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
             if nid in self.drop:
                 continue
-            client = self.nodes[nid]
             try:
-                if msg.metadata.message_type == MessageType.QUERY:
-                    reply = mc.query_reply(msg, client.identity)
-                elif msg.metadata.message_type == MessageType.TRAIN:
-                    reply = client.train(msg)
-                else:
-                    reply = client.evaluate(msg)
+                reply = self.nodes[nid](msg)
             except Exception as exc:  # what the ClientApp runtime turns into an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             if self.tamper is not None and not reply.has_error():
                 reply = self.tamper(nid, reply)
             replies.append(reply)
+        self.replies += replies
         return replies
+
+
+def app_nodes(client_app: ClientApp, num_nodes: int) -> list[Callable[[Message], Message]]:
+    """Handlers that run a real ClientApp, each node with its own context and partition id."""
+
+    def node(pid: int) -> Callable[[Message], Message]:
+        context = Context(
+            run_id=1,
+            node_id=pid,
+            node_config={"partition-id": pid, "num-partitions": num_nodes},
+            state=RecordDict(),
+            run_config={},
+        )
+        return lambda msg: client_app(msg, context)
+
+    return [node(pid) for pid in range(num_nodes)]

@@ -12,7 +12,9 @@ SHAPES = [(10, 48), (24, 36), (16, 16)]
 
 def sources_for(shapes, rank=4, max_tokens=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    factors = [pad_rank(*factorize(torch.randn(m, n, generator=gen), rank - 1), rank) for m, n in shapes]
+    factors = [
+        pad_rank(*factorize(torch.randn(m, n, generator=gen), rank - 1), rank) for m, n in shapes
+    ]
     return factors, SourceTokens.build(factors, rank, max_tokens)
 
 
@@ -101,7 +103,9 @@ def test_projection_init_does_not_depend_on_registration_order():
 def test_hand_computed_gradient_on_a_tiny_case():
     """``avg`` variant, one KTL, one source layer: the output projection's gradient by hand."""
     r, dim, heads = 2, 4, 2
-    cfg = AdapterConfig(variant="avg", rank=r, dim=dim, heads=heads, layers=1, max_source_tokens=None)
+    cfg = AdapterConfig(
+        variant="avg", rank=r, dim=dim, heads=heads, layers=1, max_source_tokens=None
+    )
     adapter = LPKA(cfg)
     adapter.register_shapes([(3, 5), (4, 6)])
     gen = torch.Generator().manual_seed(0)
@@ -112,10 +116,12 @@ def test_hand_computed_gradient_on_a_tiny_case():
 
     out = adapter(a, b, sources)
     names = dict(adapter.named_parameters())
-    params = ["body.0.branches.A_rows_rows.o.by_width.2.weight",
-              "body.0.branches.A_rows_rows.o.by_width.2.bias",
-              "body.0.branches.A_cols_rows.o.by_width.3.bias",
-              "body.0.branches.B_cols_cols.o.by_width.2.bias"]
+    params = [
+        "body.0.branches.A_rows_rows.o.by_width.2.weight",
+        "body.0.branches.A_rows_rows.o.by_width.2.bias",
+        "body.0.branches.A_cols_rows.o.by_width.3.bias",
+        "body.0.branches.B_cols_cols.o.by_width.2.bias",
+    ]
     grads = torch.autograd.grad(out, [names[p] for p in params], grad_outputs=(g_a, g_b))
 
     # At initialisation every branch's output projection and the FFN's last layer are zero,
@@ -135,8 +141,10 @@ def test_hand_computed_gradient_on_a_tiny_case():
     dh = dim // heads
     attn = torch.cat(
         [
-            torch.softmax(q[:, h * dh:(h + 1) * dh] @ k[:, h * dh:(h + 1) * dh].T / math.sqrt(dh), -1)
-            @ v[:, h * dh:(h + 1) * dh]
+            torch.softmax(
+                q[:, h * dh : (h + 1) * dh] @ k[:, h * dh : (h + 1) * dh].T / math.sqrt(dh), -1
+            )
+            @ v[:, h * dh : (h + 1) * dh]
             for h in range(heads)
         ],
         dim=1,
@@ -159,7 +167,7 @@ def test_low_rank_pieces_give_the_full_delta_gradient(variant):
     g_a, g_b = delta @ out_b.detach().transpose(1, 2), out_a.detach().transpose(1, 2) @ delta
     low = torch.autograd.grad((out_a, out_b), params, grad_outputs=(g_a, g_b), allow_unused=True)
     used = 0
-    for f, lo in zip(full, low):
+    for f, lo in zip(full, low, strict=True):
         assert (f is None) == (lo is None)
         if f is not None:
             torch.testing.assert_close(f, lo, atol=1e-5, rtol=1e-4)

@@ -94,7 +94,10 @@ def test_mobilenet_v2():
 
 def test_bert_attention_value():
     cfg = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
         intermediate_size=64,
     )
     model = BertModel(cfg)

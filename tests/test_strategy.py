@@ -37,7 +37,8 @@ def run(strat, grid, rounds):
 
 def train_messages(grid, round_):
     return [
-        m for m in grid.sent
+        m
+        for m in grid.sent
         if m.metadata.message_type == MessageType.TRAIN
         and m.content.config_records[p.CONFIG][p.ROUND] == round_
     ]
@@ -93,7 +94,9 @@ def test_failed_and_missing_replies_are_skipped(caplog):
     for record in train:  # known from the identity handshake, so named in the log
         assert "out of memory" in record["dropped"]["c1"]
         # m1 never answered, not even the handshake: it is known by its node id only
-        assert record["dropped"][f"node {grid.node_of('m1')}"] == "no reply (timeout or disconnected)"
+        assert (
+            record["dropped"][f"node {grid.node_of('m1')}"] == "no reply (timeout or disconnected)"
+        )
     assert sorted(train[-1]["clients"]) == ["c0", "m0"]
     assert "out of memory" in caplog.text and "no reply" in caplog.text
     assert sorted(strat.bank) == ["c0", "m0"]  # the round went on for the others
@@ -166,7 +169,11 @@ def test_baselines():
     c0 = grid.nodes[grid.node_of("c0")]
     np.testing.assert_allclose(
         avg["0.weight"],
-        (c0.model()[0].weight.detach().numpy() + grid.nodes[grid.node_of("c1")].model()[0].weight.detach().numpy()) / 2,
+        (
+            c0.model()[0].weight.detach().numpy()
+            + grid.nodes[grid.node_of("c1")].model()[0].weight.detach().numpy()
+        )
+        / 2,
         rtol=1e-6,
     )
 
@@ -194,6 +201,13 @@ def test_bad_constructor_arguments():
 
 def test_config_passes_through():
     grid, strat = federation(), strategy()
-    strat.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=1, timeout=10,
-                train_config=ConfigRecord({"local-epochs": 3}))
-    assert all(m.content.config_records[p.CONFIG]["local-epochs"] == 3 for m in train_messages(grid, 1))
+    strat.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(),
+        num_rounds=1,
+        timeout=10,
+        train_config=ConfigRecord({"local-epochs": 3}),
+    )
+    assert all(
+        m.content.config_records[p.CONFIG]["local-epochs"] == 3 for m in train_messages(grid, 1)
+    )

@@ -1,0 +1,1 @@
+"""Flower simulation apps, datasets, models and task loops for mergenet-fl."""

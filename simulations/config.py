@@ -1,0 +1,242 @@
+"""The experiment config: composed by Hydra from ``conf/``, checked into dataclasses.
+
+Both entry points use :func:`compose`: ``python -m simulations.run`` (Hydra's command line)
+and the Flower apps under ``flwr run`` (run config key ``overrides``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
+from strategies import GroupFedAvg, LocalOnly, MergeNet, PeerStrategy
+from strategies.base import RoundSink
+from strategies.protocol import SHARE_MODES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STRATEGIES = ("mergenet", "local", "groupfedavg")
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """The composed config is invalid; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ClientGroup:
+    """``count`` clients of one architecture, task and dataset, sharing ``layers`` for transfer."""
+
+    group: str
+    arch: str
+    task: str
+    dataset: str
+    layers: tuple[str, ...]
+    count: int = 1
+    exclude: tuple[str, ...] = ()
+    send_only: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; built by :func:`from_dictconfig`."""
+
+    name: str
+    seed: int
+    num_rounds: int
+    rank: int
+    transfer_every: int
+    local_epochs: int
+    batch_size: int
+    round_timeout: float
+    fraction_train: float
+    fraction_evaluate: float
+    client_cpus: float
+    data_dir: str | None
+    output_dir: str
+    strategy: dict[str, Any]
+    adapter: dict[str, Any]
+    clients: tuple[ClientGroup, ...]
+    examples_per_client: int
+    test_examples: int
+    partition: str
+    alpha: float
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def num_clients(self) -> int:
+        return sum(c.count for c in self.clients)
+
+    def client(self, partition_id: int) -> tuple[ClientGroup, int, int]:
+        """The client group of ``partition_id``, and its index among the clients of its dataset
+        and their number (for splitting the dataset)."""
+        if not 0 <= partition_id < self.num_clients:
+            raise ConfigError(
+                f"partition-id {partition_id} is outside the federation's {self.num_clients} "
+                "clients (conf/federation: the counts must add up to num-supernodes)"
+            )
+        expanded = [c for c in self.clients for _ in range(c.count)]
+        spec = expanded[partition_id]
+        same_data = [i for i, c in enumerate(expanded) if c.dataset == spec.dataset]
+        return spec, same_data.index(partition_id), len(same_data)
+
+    def hypernet(self) -> HypernetConfig:
+        s = self.strategy
+        return HypernetConfig(
+            adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
+            optimizer=s.get("optimizer", "adam"),
+            lr=s.get("lr", 1e-3),
+            max_grad_norm=s.get("max_grad_norm", 1.0),
+            summarize_groups=s.get("summarize_groups", True),
+            self_transfer=s.get("self_transfer", False),
+        )
+
+    def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
+        common = dict(
+            fraction_train=self.fraction_train,
+            fraction_evaluate=self.fraction_evaluate,
+            min_available_nodes=self.num_clients,
+            query_timeout=self.round_timeout,
+            on_round=on_round,
+        )
+        name = self.strategy["name"]
+        if name == "local":
+            return LocalOnly(**common)
+        if name == "groupfedavg":
+            return GroupFedAvg(**common)
+        return MergeNet(
+            hypernet=self.hypernet(),
+            transfer_every=self.transfer_every,
+            share=self.strategy.get("share", "unselected"),
+            max_packet_age=self.strategy.get("max_packet_age"),
+            **common,
+        )
+
+
+def compose(overrides: list[str] | str = ()) -> ExperimentConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (a list or a shell-style string)."""
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return from_dictconfig(cfg)
+
+
+def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
+    """Check a composed config; raise :class:`ConfigError` listing every problem."""
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(raw, dict)
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    for key in ("num_rounds", "rank", "transfer_every", "local_epochs", "batch_size"):
+        need(
+            isinstance(raw.get(key), int) and raw[key] >= 1,
+            f"{key} must be an integer >= 1, got {raw.get(key)!r}",
+        )
+    for key in ("fraction_train", "fraction_evaluate"):
+        need(
+            isinstance(raw.get(key), (int, float)) and 0 <= raw[key] <= 1,
+            f"{key} must be in [0, 1], got {raw.get(key)!r}",
+        )
+    need(
+        isinstance(raw.get("client_cpus"), (int, float)) and raw["client_cpus"] > 0,
+        "client_cpus must be > 0",
+    )
+    strategy = dict(raw.get("strategy") or {})
+    need(
+        strategy.get("name") in STRATEGIES,
+        f"strategy.name must be one of {STRATEGIES}, got {strategy.get('name')!r}",
+    )
+    need(
+        strategy.get("share", "none") in SHARE_MODES, f"strategy.share must be one of {SHARE_MODES}"
+    )
+    adapter = dict(raw.get("adapter") or {})
+    need(
+        adapter.get("variant") in VARIANTS,
+        f"adapter.variant must be one of {VARIANTS}, got {adapter.get('variant')!r}",
+    )
+    fed = dict(raw.get("federation") or {})
+    need(fed.get("partition") in PARTITIONS, f"federation.partition must be one of {PARTITIONS}")
+    need(
+        isinstance(fed.get("alpha"), (int, float)) and fed["alpha"] > 0,
+        "federation.alpha must be > 0",
+    )
+    need(
+        isinstance(fed.get("examples_per_client"), int) and fed["examples_per_client"] >= 1,
+        "federation.examples_per_client must be an integer >= 1",
+    )
+    clients = []
+    for i, c in enumerate(fed.get("clients") or []):
+        missing = [k for k in ("group", "arch", "task", "dataset", "layers") if k not in c]
+        if missing:
+            problems.append(f"federation.clients[{i}] lacks {missing}")
+            continue
+        layers = c["layers"]
+        need(
+            isinstance(layers, list) and layers,
+            f"federation.clients[{i}].layers must be a non-empty list",
+        )
+        need(
+            isinstance(c.get("count", 1), int) and c.get("count", 1) >= 1,
+            f"federation.clients[{i}].count must be >= 1",
+        )
+        clients.append(
+            ClientGroup(
+                group=str(c["group"]),
+                arch=str(c["arch"]),
+                task=str(c["task"]),
+                dataset=str(c["dataset"]),
+                layers=tuple(layers or ()),
+                count=int(c.get("count", 1)),
+                exclude=tuple(c.get("exclude", ())),
+                send_only=bool(c.get("send_only", False)),
+            )
+        )
+    need(bool(clients), "federation.clients is empty")
+    try:
+        AdapterConfig(rank=raw.get("rank", 8), **adapter)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"adapter: {exc}")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return ExperimentConfig(
+        name=str(raw["name"]),
+        seed=int(raw["seed"]),
+        num_rounds=raw["num_rounds"],
+        rank=raw["rank"],
+        transfer_every=raw["transfer_every"],
+        local_epochs=raw["local_epochs"],
+        batch_size=raw["batch_size"],
+        round_timeout=float(raw["round_timeout"]),
+        fraction_train=float(raw["fraction_train"]),
+        fraction_evaluate=float(raw["fraction_evaluate"]),
+        client_cpus=float(raw["client_cpus"]),
+        data_dir=raw.get("data_dir"),
+        output_dir=str(raw["output_dir"]),
+        strategy=strategy,
+        adapter=adapter,
+        clients=tuple(clients),
+        examples_per_client=fed["examples_per_client"],
+        test_examples=int(fed.get("test_examples", 256)),
+        partition=fed["partition"],
+        alpha=float(fed["alpha"]),
+        raw=raw,
+    )
+
+
+if __name__ == "__main__":  # print the number of clients of the composed federation
+    import sys
+
+    print(compose(sys.argv[1:]).num_clients)

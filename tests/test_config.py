@@ -1,0 +1,57 @@
+import pytest
+
+from simulations.config import ConfigError, compose
+from simulations.federation import build_workload
+from strategies import GroupFedAvg, LocalOnly, MergeNet
+
+
+def test_string_and_list_overrides_compose_the_same_config():
+    a = compose("strategy=mergenet adapter=mlp num_rounds=5")
+    b = compose(["strategy=mergenet", "adapter=mlp", "num_rounds=5"])
+    assert a == b and a.raw == b.raw
+    assert a.adapter["variant"] == "mlp" and a.num_rounds == 5 and a.name == "mergenet-mlp"
+    hn = a.hypernet()
+    assert hn.adapter.variant == "mlp" and hn.adapter.rank == a.rank
+
+
+def test_default_federation_is_heterogeneous():
+    cfg = compose()
+    assert cfg.num_clients >= 3
+    assert len({c.arch for c in cfg.clients}) >= 3
+    assert {c.task for c in cfg.clients} >= {"image_classification", "text_classification"}
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        compose("num_rounds=0 strategy.share=some adapter.heads=3 federation.alpha=-1")
+    message = str(info.value)
+    for part in (
+        "num_rounds must be an integer >= 1",
+        "strategy.share",
+        "divisible by heads=3",
+        "federation.alpha must be > 0",
+    ):
+        assert part in message
+
+
+def test_strategies_by_name():
+    assert isinstance(compose("strategy=local").build_strategy(), LocalOnly)
+    assert isinstance(compose("strategy=groupfedavg").build_strategy(), GroupFedAvg)
+    strat = compose("transfer_every=2 adapter=rows").build_strategy()
+    assert isinstance(strat, MergeNet) and strat.transfer_every == 2
+    assert strat.hypernet.cfg.adapter.combos == (("rows", "rows"),)
+
+
+def test_partition_ids_map_to_client_groups():
+    cfg = compose("federation=tiny")
+    spec, index, peers = cfg.client(1)
+    assert spec.arch == "mobilenet_v2_small" and (index, peers) == (1, 2)
+    with pytest.raises(ConfigError, match="partition-id 3 is outside the federation's 3 clients"):
+        cfg.client(3)
+
+
+def test_workload_of_a_synthetic_client():
+    work = build_workload(compose("federation=tiny"), 2)
+    assert work.identity.client_id == "client-2" and work.identity.group == "bert-text"
+    assert [layer.name for layer in work.layers] == ["bert.encoder.layer.1.attention.self.value"]
+    assert len(work.train_set) == 64 and len(work.test_set) == 64
