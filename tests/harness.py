@@ -1,4 +1,5 @@
-"""An in-process federation for strategy tests: real messages, real client helpers, no Ray.
+"""Shared test helpers. An in-process federation for strategy tests: real messages, real
+client helpers, no Ray; and the marker for tests that read the shared real data.
 
 ``FakeGrid`` delivers each message to a :class:`TinyClient` that runs the same code a
 ClientApp runs (``strategies.client``), so the strategy is tested against the real protocol.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 
+import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,10 +18,16 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from mergenet_fl import LayerSpec, select_layers
+from simulations.data import default_data_dir
 from strategies import client as mc
 from strategies.protocol import ClientIdentity
 
 RANK = 4
+
+needs_real_data = pytest.mark.skipif(
+    not (default_data_dir() / "SHA256SUMS").is_file(),
+    reason=f"shared data folder not found at {default_data_dir()} (set MERGENET_DATA_DIR)",
+)
 
 
 def set_task_identity() -> None:

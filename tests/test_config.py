@@ -1,5 +1,6 @@
 import pytest
 
+from harness import needs_real_data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
 from strategies import GroupFedAvg, LocalOnly, MergeNet
@@ -55,3 +56,19 @@ def test_workload_of_a_synthetic_client():
     assert work.identity.client_id == "client-2" and work.identity.group == "bert-text"
     assert [layer.name for layer in work.layers] == ["bert.encoder.layer.1.attention.self.value"]
     assert len(work.train_set) == 64 and len(work.test_set) == 64
+
+
+@needs_real_data
+def test_cross_task_federation_builds_a_qa_client_on_real_data():
+    cfg = compose(
+        "federation=crosstask federation.examples_per_client=16 federation.test_examples=8"
+    )
+    work = build_workload(cfg, 1)
+    assert work.identity.group == "distilbert-squad2"
+    assert [layer.name for layer in work.layers] == [
+        "distilbert.transformer.layer.1.attention.v_lin"
+    ]
+    out = work.task.train(work.model, work.train_set, epochs=1, batch_size=8, seed=0)
+    assert out["num_examples"] == 16
+    scores = work.task.evaluate(work.model, work.test_set, batch_size=8)
+    assert {"em", "f1", "loss"} <= set(scores) and 0.0 <= scores["f1"] <= 1.0

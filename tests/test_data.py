@@ -15,13 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from harness import needs_real_data
 from simulations import data as D
 
 REAL_DATA = D.default_data_dir()
-needs_real_data = pytest.mark.skipif(
-    not (REAL_DATA / "SHA256SUMS").is_file(),
-    reason=f"shared data folder not found at {REAL_DATA} (set MERGENET_DATA_DIR)",
-)
 
 
 # --------------------------------------------------------------------------------------
