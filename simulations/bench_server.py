@@ -66,11 +66,12 @@ def random_pieces(merged: dict, seed: int) -> dict:
     }
 
 
-def run_one(clients: int, rank: int, device_name: str, seed: int) -> dict:
+def run_one(clients: int, rank: int, device_name: str, seed: int, max_tokens: int | None) -> dict:
     device = torch.device(device_name)
     torch.manual_seed(seed)
     bank = make_bank(clients, rank, device, seed)
-    hn = Hypernetwork(HypernetConfig(adapter=AdapterConfig(rank=rank, seed=seed)))
+    adapter = AdapterConfig(rank=rank, seed=seed, max_source_tokens=max_tokens)
+    hn = Hypernetwork(HypernetConfig(adapter=adapter))
     hn.adapter.to(device)
     targets = list(bank)
     # Warm-up round: registers the layer shapes and moves the adapter away from identity.
@@ -89,13 +90,17 @@ def run_one(clients: int, rank: int, device_name: str, seed: int) -> dict:
     seconds = time.perf_counter() - start
 
     # Per client and transfer round: packet and gradient pieces up, merged factors down.
-    up = down = full = 0
+    sent: dict[str, list[int]] = {}  # group -> [values exchanged, values of full matrices]
     for cid in targets:
         packet = bank.get(cid).packet
         ((pa, pb),) = merged[cid].values()
-        up += packet.num_values() + pa.numel() + pb.numel()
-        down += pa.numel() + pb.numel()
-        full += 2 * sum(m * n for m, n in packet.matrix_shapes().values())  # FedAvg: both ways
+        exchanged = packet.num_values() + 2 * (pa.numel() + pb.numel())
+        full = 2 * sum(m * n for m, n in packet.matrix_shapes().values())  # FedAvg: both ways
+        counts = sent.setdefault(bank.get(cid).group, [0, 0])
+        counts[0] += exchanged
+        counts[1] += full
+    up_down = sum(c[0] for c in sent.values())
+    full = sum(c[1] for c in sent.values())
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -108,9 +113,11 @@ def run_one(clients: int, rank: int, device_name: str, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "seconds": round(seconds, 3),
         "peak_mb": round(peak_mb, 1),
-        "bytes_per_client": round(4 * (up + down) / clients),
+        "max_source_tokens": max_tokens,
+        "bytes_per_client": round(4 * up_down / clients),
         "bytes_full": round(4 * full / clients),
-        "ratio": round((up + down) / full, 4),
+        "ratio": round(up_down / full, 4),
+        "ratio_by_group": {g: round(c[0] / c[1], 4) for g, c in sorted(sent.items())},
         "adapter_params": sum(p.numel() for p in hn.adapter.parameters()),
     }
 
@@ -121,24 +128,21 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-source-tokens",
+        default=str(AdapterConfig.max_source_tokens),
+        help="tokens per source layer in the long readings; 'none' attends to all",
+    )
     args = parser.parse_args()
+    max_tokens = None if args.max_source_tokens.lower() == "none" else int(args.max_source_tokens)
     if len(args.clients) == 1:
-        print(json.dumps(run_one(args.clients[0], args.rank, args.device, args.seed)), flush=True)
+        result = run_one(args.clients[0], args.rank, args.device, args.seed, max_tokens)
+        print(json.dumps(result), flush=True)
         return
     for n in args.clients:
-        cmd = [
-            sys.executable,
-            "-m",
-            "simulations.bench_server",
-            "--clients",
-            str(n),
-            "--rank",
-            str(args.rank),
-            "--device",
-            args.device,
-            "--seed",
-            str(args.seed),
-        ]
+        cmd = [sys.executable, "-m", "simulations.bench_server", "--clients", str(n)]
+        cmd += ["--rank", str(args.rank), "--device", args.device, "--seed", str(args.seed)]
+        cmd += ["--max-source-tokens", args.max_source_tokens]
         subprocess.run(cmd, check=True)
 
 
