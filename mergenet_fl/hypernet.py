@@ -239,6 +239,9 @@ class Hypernetwork:
                 used += len(chunk)
         if used == 0 or self.optimizer is None:
             return {"pieces": 0, "grad_norm": 0.0}
+        if any(g is not None and not torch.isfinite(g).all() for g in grads):
+            log.warning("adapter step skipped: non-finite gradient from %d pieces", used)
+            return {"pieces": float(used), "grad_norm": float("nan"), "skipped": 1.0}
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")

@@ -39,19 +39,23 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg, work = workload(context)
         config = msg.content.config_records[p.CONFIG]
+        server_round = int(config[p.ROUND])
+        state_dir = config.get(p.CLIENT_STATE_DIR)
+        if state_dir and not mc.has_local_model(context):  # a restarted run: back from disk
+            mc.load_model_file(
+                str(state_dir), work.identity.client_id, server_round - 1, work.model
+            )
         start = time.perf_counter()
         installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
         overhead = time.perf_counter() - start
         epochs = int(config.get("local-epochs", cfg.local_epochs))
-        seed = (
-            cfg.seed * 100_003
-            + int(context.node_config["partition-id"]) * 1009
-            + int(config[p.ROUND])
-        )
+        seed = cfg.seed * 100_003 + int(context.node_config["partition-id"]) * 1009 + server_round
         metrics = work.task.train(
             work.model, work.train_set, epochs=epochs, batch_size=cfg.batch_size, seed=seed
         )
         mc.save_local_model(context, work.model)
+        if state_dir:
+            mc.save_model_file(str(state_dir), work.identity.client_id, server_round, work.model)
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),
             **metrics,

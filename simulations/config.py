@@ -61,6 +61,8 @@ class ExperimentConfig:
     client_cpus: float
     data_dir: str | None
     output_dir: str
+    checkpoint: bool
+    resume: str | None
     strategy: dict[str, Any]
     adapter: dict[str, Any]
     clients: tuple[ClientGroup, ...]
@@ -225,6 +227,8 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         client_cpus=float(raw["client_cpus"]),
         data_dir=raw.get("data_dir"),
         output_dir=str(raw["output_dir"]),
+        checkpoint=bool(raw.get("checkpoint", False)),
+        resume=raw.get("resume"),
         strategy=strategy,
         adapter=adapter,
         clients=tuple(clients),

@@ -66,6 +66,9 @@ class RunRecorder:
                     "dropped": reason,
                 }
                 f.write(json.dumps(line) + "\n")
+            if record.get("absent"):
+                line = {"round": record["round"], "stage": record["stage"], "absent": record["absent"]}
+                f.write(json.dumps(line) + "\n")
             if record.get("server"):
                 f.write(
                     json.dumps(
@@ -77,6 +80,13 @@ class RunRecorder:
                     )
                     + "\n"
                 )
+
+    def drop_after(self, last_round: int) -> None:
+        """Forget lines of rounds after ``last_round`` (an interrupted run being resumed)."""
+        kept = [line for line in read_lines(self.run_dir) if line["round"] <= last_round]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
 
 def read_lines(run_dir: Path) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     setup_logging()
     exp = from_dictconfig(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    run_dir = Path(exp.resume or HydraConfig.get().runtime.output_dir).expanduser().resolve()
     cpus = os.cpu_count() or 1
     if exp.client_cpus > cpus:
         raise ValueError(

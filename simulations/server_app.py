@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 
 from simulations.config import ExperimentConfig, compose
 from simulations.results import RunRecorder, new_run_dir, summarize
+from strategies.checkpoint import Checkpointer, load_checkpoint
+from strategies.protocol import CLIENT_STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +32,45 @@ def setup_logging() -> None:
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Run the federation described by ``cfg``; results go to ``run_dir``."""
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
-    strategy = cfg.build_strategy(on_round=RunRecorder(run_dir))
+    """Run the federation described by ``cfg``; results go to ``run_dir``.
+
+    With ``cfg.checkpoint`` the server state is saved to ``run_dir/server.ckpt`` after every
+    round and clients keep their models under ``run_dir/clients``; with ``cfg.resume``
+    (``run_dir`` is then that run's folder) the run continues after its last checkpoint.
+    """
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        config_file.write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
+    recorder = RunRecorder(run_dir)
+    strategy = cfg.build_strategy(on_round=recorder)
+    train_config = {"local-epochs": cfg.local_epochs}
+    done = 0
+    if cfg.checkpoint or cfg.resume:
+        checkpoint = run_dir / "server.ckpt"
+        if cfg.resume:
+            state = load_checkpoint(checkpoint)
+            strategy.resume(state)
+            done = state["round"]
+            recorder.drop_after(done)  # lines of the interrupted round go
+        strategy.on_round_end = Checkpointer(checkpoint)
+        train_config[CLIENT_STATE_DIR] = str(run_dir / "clients")
     log.info(
-        "run %r: %d clients, %d rounds, results in %s",
+        "run %r: %d clients, rounds %d-%d, results in %s",
         cfg.name,
         cfg.num_clients,
+        done + 1,
         cfg.num_rounds,
         run_dir,
     )
     start = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord({"local-epochs": cfg.local_epochs}),
-    )
+    if done < cfg.num_rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=cfg.num_rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(train_config),
+        )
     summary = summarize(run_dir, cfg.name, time.perf_counter() - start)
     log.info("results written to %s\n%s", run_dir, summary.read_text(encoding="utf-8"))
     return run_dir
@@ -68,6 +91,8 @@ def make_server_app(config_for: Callable[[Context], tuple[ExperimentConfig, Path
 
 def _from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
     cfg = compose(str(context.run_config.get("overrides", "")))
+    if cfg.resume:
+        return cfg, Path(cfg.resume).expanduser().resolve()
     root = str(context.run_config.get("output-dir", "")) or cfg.output_dir
     return cfg, new_run_dir(root, cfg.name)
 

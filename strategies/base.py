@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,10 +22,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from mergenet_fl import PacketError
 from strategies import protocol as p
+from strategies.checkpoint import set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class PeerStrategy(Strategy):
         Seconds to wait for unknown nodes to answer the identity handshake.
     on_round:
         Called with one record per round and stage (e.g. to write JSON lines).
+    on_round_end:
+        Called with the strategy and the round number once a round (train and evaluate) is
+        complete, e.g. a :class:`~strategies.checkpoint.Checkpointer`.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class PeerStrategy(Strategy):
         min_available_nodes: int = 1,
         query_timeout: float = 60.0,
         on_round: RoundSink | None = None,
+        on_round_end: Callable[[PeerStrategy, int], None] | None = None,
     ) -> None:
         if share not in p.SHARE_MODES:
             raise ValueError(f"share={share!r}; choose one of {p.SHARE_MODES}")
@@ -94,6 +100,10 @@ class PeerStrategy(Strategy):
         self.min_available_nodes = min_available_nodes
         self.query_timeout = query_timeout
         self.on_round = on_round
+        self.on_round_end = on_round_end
+        self.round_offset = 0  # rounds completed before a resume
+        self._quorum = False  # min_available_nodes were connected once
+        self._absent: list[str] = []  # known clients that are no longer connected
         self.identities: dict[int, p.ClientIdentity] = {}  # Flower node id -> client
         self.group_arrays: dict[str, dict[str, np.ndarray]] = {}
         self._bytes_down: dict[int, int] = {}
@@ -136,7 +146,9 @@ class PeerStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._sampled = nodes
         self._learn_identities(grid, nodes)
         known = {nid: self.identities[nid] for nid in nodes if nid in self.identities}
         extras = self.train_records(server_round, known)
@@ -155,13 +167,13 @@ class PeerStrategy(Strategy):
                 content[p.GROUP_ARRAYS] = p.to_record(self.group_arrays[group])
             self._bytes_down[nid] = p.array_bytes(content)
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
-        self._sampled = nodes
         log.info("configure_train: round %d, %d nodes", server_round, len(messages))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         accepted, dropped = self._parse(replies)
         valid = []
         for reply in accepted:
@@ -183,6 +195,7 @@ class PeerStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
@@ -202,15 +215,42 @@ class PeerStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         accepted, dropped = self._parse(replies)
-        return self._emit(server_round, "evaluate", accepted, dropped, {})
+        metrics = self._emit(server_round, "evaluate", accepted, dropped, {})
+        if self.on_round_end is not None:
+            self.on_round_end(self, server_round)
+        return metrics
+
+    def resume(self, checkpoint: dict[str, Any]) -> None:
+        """Continue after the round a :class:`~strategies.checkpoint.Checkpointer` saved.
+
+        ``start(num_rounds=N)`` then runs rounds ``checkpoint["round"] + 1`` onwards (Flower's
+        own log counts from 1; this strategy's records use the run's round numbers).
+        """
+        self.load_state_dict(checkpoint["strategy"])
+        set_rng_state(checkpoint["rng"])
+        self.round_offset = checkpoint["round"]
+        log.info("resuming after round %d", self.round_offset)
 
     # ----------------------------------------------------------------- internals
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        available = len(list(grid.get_node_ids()))
-        size = max(int(available * fraction), minimum)
-        nodes, _ = sample_nodes(grid, self.min_available_nodes, size)
-        return sorted(nodes)
+        """Sample nodes; at the start wait for ``min_available_nodes`` of them, later rounds
+        go on with whoever is connected (clients leave; the run must not hang)."""
+        while True:
+            nodes = list(grid.get_node_ids())
+            wanted = max(minimum, 1) if self._quorum else self.min_available_nodes
+            if len(nodes) >= max(wanted, 1):
+                break
+            log.info("waiting for nodes: %d connected, %d wanted", len(nodes), wanted)
+            time.sleep(1.0)
+        self._quorum = True
+        known = {i.client_id for nid, i in self.identities.items() if nid in nodes}
+        self._absent = sorted({i.client_id for i in self.identities.values()} - known)
+        if self._absent:
+            log.info("clients not connected: %s", self._absent)
+        size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+        return sorted(random.sample(nodes, size))
 
     def _learn_identities(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes we have not heard from who they are (QUERY handshake)."""
@@ -235,12 +275,24 @@ class PeerStrategy(Strategy):
                 continue
             try:
                 identity, _ = p.ClientIdentity.from_content(msg.content)
+                self._check_claim(msg.metadata.src_node_id, identity)
             except PacketError as exc:
                 log.warning(
                     "node %d answered the identity query badly: %s", msg.metadata.src_node_id, exc
                 )
                 continue
             self._remember(msg.metadata.src_node_id, identity)
+
+    def _check_claim(self, node_id: int, identity: p.ClientIdentity) -> None:
+        """Refuse a node that changes its identity, or claims one a live node holds."""
+        known = self.identities.get(node_id)
+        if known is not None and known != identity:
+            raise PacketError(f"node {node_id} is {known} but now claims to be {identity}")
+        for nid, other in self.identities.items():
+            if nid != node_id and other.client_id == identity.client_id and nid in self._sampled:
+                raise PacketError(
+                    f"node {node_id} claims to be {identity.client_id!r}, which node {nid} is"
+                )
 
     def _remember(self, node_id: int, identity: p.ClientIdentity) -> None:
         # A client that reconnects comes back under a new node id: forget the old one.
@@ -268,11 +320,7 @@ class PeerStrategy(Strategy):
                 continue
             try:
                 identity, manifest = p.ClientIdentity.from_content(msg.content)
-                known = self.identities.get(nid)
-                if known is not None and known.client_id != identity.client_id:
-                    raise PacketError(
-                        f"node {nid} is {known.client_id!r} but claims to be {identity.client_id!r}"
-                    )
+                self._check_claim(nid, identity)
                 if identity.client_id in seen:
                     raise PacketError(f"a second reply claims to be {identity.client_id!r}")
                 metrics = _parse_metrics(msg.content)
@@ -371,6 +419,7 @@ class PeerStrategy(Strategy):
                     "stage": stage,
                     "clients": clients,
                     "dropped": dropped,
+                    "absent": self._absent,
                     "server": server,
                 }
             )

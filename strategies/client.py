@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,9 +42,13 @@ MODEL_KEY = "mergenet.model"
 MERGENET_SECONDS = "mergenet_seconds"
 
 
+def has_local_model(context: Context) -> bool:
+    return MODEL_KEY in context.state.array_records
+
+
 def load_local_model(context: Context, model: nn.Module) -> bool:
     """Restore the model this node trained in earlier rounds; False on the first round."""
-    if MODEL_KEY not in context.state.array_records:
+    if not has_local_model(context):
         return False
     model.load_state_dict(context.state.array_records[MODEL_KEY].to_torch_state_dict())
     return True
@@ -52,6 +58,32 @@ def save_local_model(context: Context, model: nn.Module) -> None:
     """Keep the model in ``context.state`` (it persists per node for the whole run)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     context.state.array_records[MODEL_KEY] = ArrayRecord(state)
+
+
+def save_model_file(
+    directory: str | os.PathLike, client_id: str, server_round: int, model: nn.Module
+) -> None:
+    """Keep the model of ``server_round`` on disk (atomically) and drop older rounds but one."""
+    folder = Path(directory) / client_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round-{server_round}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    for old in folder.glob("round-*.pt"):
+        if int(old.stem.split("-")[1]) < server_round - 1:
+            old.unlink()
+
+
+def load_model_file(
+    directory: str | os.PathLike, client_id: str, server_round: int, model: nn.Module
+) -> bool:
+    """Restore the model a client saved after ``server_round``; False if there is none."""
+    path = Path(directory) / client_id / f"round-{server_round}.pt"
+    if not path.is_file():
+        return False
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return True
 
 
 def shared_state(model: nn.Module, layers: Sequence[SelectedLayer], mode: str) -> dict:

@@ -43,6 +43,11 @@ class MergeNet(PeerStrategy):
         Largest packet (in numbers) accepted from a client.
     max_packet_age:
         Forget packets older than this many rounds (``None``: keep each client's last).
+    max_factor_norm:
+        A packet with a factor of larger Frobenius norm is refused (a weight of that size is
+        an attack or a diverged model, and would poison its group's summary).
+    clip_pieces:
+        A client's gradient pieces are scaled down to at most this total norm (``None``: off).
     **kwargs:
         :class:`~strategies.base.PeerStrategy` options (``share``, sampling, ``on_round``).
     """
@@ -54,9 +59,15 @@ class MergeNet(PeerStrategy):
         transfer_every: int = 1,
         max_packet_values: int = 50_000_000,
         max_packet_age: int | None = None,
+        max_factor_norm: float = 1e4,
+        clip_pieces: float | None = 100.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not max_factor_norm > 0:
+            raise ValueError(f"max_factor_norm must be > 0, got {max_factor_norm}")
+        if clip_pieces is not None and not clip_pieces > 0:
+            raise ValueError(f"clip_pieces must be > 0 or None, got {clip_pieces}")
         if transfer_every < 1:
             raise ValueError(f"transfer_every must be >= 1, got {transfer_every}")
         if max_packet_age is not None and max_packet_age < 0:
@@ -65,6 +76,8 @@ class MergeNet(PeerStrategy):
         self.transfer_every = transfer_every
         self.max_packet_values = max_packet_values
         self.max_packet_age = max_packet_age
+        self.max_factor_norm = max_factor_norm
+        self.clip_pieces = clip_pieces
         self.bank = KnowledgeBank()
         self.generation: Generation | None = None
 
@@ -123,6 +136,13 @@ class MergeNet(PeerStrategy):
                 max_rank=self.hypernet.rank,
                 max_values=self.max_packet_values,
             )
+            for layer, lf in packet.layers.items():
+                norm = max(float(lf.a.double().norm()), float(lf.b.double().norm()))
+                if norm > self.max_factor_norm:
+                    raise PacketError(
+                        f"packet layer {layer!r}: factor norm {norm:.3g} exceeds "
+                        f"{self.max_factor_norm:.3g}"
+                    )
             self.bank.check(cid, packet, reply.identity.group)
             reply.extras["packet"] = packet
         sent = self.generation.targets().get(cid) if self.generation else None
@@ -138,7 +158,16 @@ class MergeNet(PeerStrategy):
                 what="gradient pieces",
             )
             self.generation.check_pieces(cid, pieces)
-            reply.extras["pieces"] = pieces
+            reply.extras["pieces"] = self._clip(cid, pieces)
+
+    def _clip(self, client_id: str, pieces: dict) -> dict:
+        """Scale a client's pieces down to a total norm of at most ``clip_pieces``."""
+        norm = sum(float(t.double().pow(2).sum()) for pair in pieces.values() for t in pair) ** 0.5
+        if self.clip_pieces is None or norm <= self.clip_pieces:
+            return pieces
+        log.info("client %r: gradient pieces of norm %.3g clipped", client_id, norm)
+        scale = self.clip_pieces / norm
+        return {layer: (ga * scale, gb * scale) for layer, (ga, gb) in pieces.items()}
 
     def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
         stats: dict[str, Any] = {}

@@ -33,6 +33,7 @@ ROUND = "server-round"
 SEND_PACKET = "send-packet"
 SHARE = "share"
 ADAPTER_RANK = "adapter-rank"
+CLIENT_STATE_DIR = "client-state-dir"  # where clients keep their models across restarts
 SHARE_MODES = ("none", "unselected", "all")
 NUM_EXAMPLES = "num-examples"
 
