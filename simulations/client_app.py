@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from simulations.config import ExperimentConfig, compose
-from simulations.federation import Workload, build_workload
+from simulations.federation import Workload, build_workload, client_identity
 from strategies import client as mc
 from strategies import protocol as p
 
@@ -22,18 +22,19 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     """A ClientApp whose config comes from ``config_for(context)``."""
     app = ClientApp()
 
+    def node(context: Context) -> tuple[int, str | None]:
+        client_id = context.node_config.get("client-id")
+        return int(context.node_config["partition-id"]), str(client_id) if client_id else None
+
     def workload(context: Context) -> tuple[ExperimentConfig, Workload]:
         cfg = config_for(context)
-        pid = int(context.node_config["partition-id"])
-        client_id = context.node_config.get("client-id")
-        work = build_workload(cfg, pid, str(client_id) if client_id else None)
+        work = build_workload(cfg, *node(context))
         mc.load_local_model(context, work.model)
         return cfg, work
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        _, work = workload(context)
-        return mc.query_reply(msg, work.identity)
+        return mc.query_reply(msg, client_identity(config_for(context), *node(context)))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -42,6 +42,14 @@ class Workload:
     test_set: Dataset
 
 
+def client_identity(
+    cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
+) -> ClientIdentity:
+    """Who ``partition_id`` is (``client_id`` defaults to ``client-<id>``), without its data."""
+    spec, _, _ = cfg.client(partition_id)
+    return ClientIdentity(client_id or f"client-{partition_id}", spec.group, spec.send_only)
+
+
 def build_workload(
     cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
 ) -> Workload:
@@ -51,7 +59,7 @@ def build_workload(
     train_set, test_set, num_classes = _datasets(cfg, spec.dataset, index, peers, seed)
     model = build_model(spec.arch, num_classes, seed=seed)
     layers = select_layers(model, as_spec(spec.layers, spec.exclude))
-    identity = ClientIdentity(client_id or f"client-{partition_id}", spec.group, spec.send_only)
+    identity = client_identity(cfg, partition_id, client_id)
     return Workload(identity, model, layers, get_task(spec.task), train_set, test_set)
 
 

@@ -67,7 +67,11 @@ class RunRecorder:
                 }
                 f.write(json.dumps(line) + "\n")
             if record.get("absent"):
-                line = {"round": record["round"], "stage": record["stage"], "absent": record["absent"]}
+                line = {
+                    "round": record["round"],
+                    "stage": record["stage"],
+                    "absent": record["absent"],
+                }
                 f.write(json.dumps(line) + "\n")
             if record.get("server"):
                 f.write(

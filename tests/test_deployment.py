@@ -1,0 +1,236 @@
+"""Flower's deployment engine on this machine: a SuperLink and three SuperNodes on 127.0.0.1,
+each with its own node config (architecture), running this app with ``flwr run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import needs_real_data
+from simulations.data import default_data_dir
+
+pytestmark = [pytest.mark.deployment, needs_real_data]  # the text client reads the vocabulary
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Processes:
+    """Processes started by a test, each in its own session; all stopped by PID at the end."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env, self.procs = logs, env, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in self.logs.glob("*.log"))
+
+
+def run_federation(tmp_path: Path, tls: bool, rounds: int) -> list[dict]:
+    home, logs, out = tmp_path / "flwr", tmp_path / "logs", tmp_path / "out"
+    for d in (home, logs, out):
+        d.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "MERGENET_DATA_DIR": str(default_data_dir()),
+    }
+    link_port = free_port()
+    security, link_security, connection = ["--insecure"], ["--insecure"], "insecure = true"
+    if tls:
+        ca, cert, key = make_certificates(tmp_path / "certs")
+        link_security = ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key]
+        security = ["--root-certificates", ca]
+        connection = f'root-certificates = "{ca}"'
+    (home / "config.toml").write_text(
+        f'[superlink.edge]\naddress = "127.0.0.1:{link_port}"\n{connection}\n'
+    )
+    procs = Processes(logs, env)
+    try:
+        link = procs.start(
+            "superlink",
+            "flower-superlink",
+            *link_security,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+        )
+        wait_for_port(link_port, link)
+        for pid in range(3):
+            node_config = f"partition-id={pid} num-partitions=3 client-id='edge-{pid}'"
+            procs.start(
+                f"supernode{pid}",
+                "flower-supernode",
+                *security,
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            )
+        overrides = f"federation=tiny num_rounds={rounds}"
+        run = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                ".",
+                "edge",
+                "--stream",
+                "--run-config",
+                f"overrides='{overrides}' output-dir='{out}'",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + procs.tail()
+        runs = list(out.iterdir())
+        assert len(runs) == 1, run.stdout[-3000:] + procs.tail()
+        return [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        procs.stop()
+        assert all(p.poll() is not None for p in procs.procs)
+
+
+def make_certificates(folder: Path) -> tuple[str, str, str]:
+    """A CA and a certificate for 127.0.0.1 signed by it, made here (nothing downloaded)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mergenet-fl test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca.crt": ca, "server.pem": cert}
+    for name, c in paths.items():
+        (folder / name).write_bytes(c.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(folder / "ca.crt"), str(folder / "server.pem"), str(folder / "server.key")
+
+
+def check_clients(lines: list[dict], rounds: int) -> None:
+    assert not [x for x in lines if "dropped" in x]
+    for rnd in range(1, rounds + 1):
+        for stage in ("train", "evaluate"):
+            rows = {
+                x["client"]: x
+                for x in lines
+                if x.get("round") == rnd and x.get("stage") == stage and "client" in x
+            }
+            assert sorted(rows) == ["edge-0", "edge-1", "edge-2"]
+            assert sorted(x["group"] for x in rows.values()) == [
+                "bert-text",
+                "mbv2-images",
+                "resnet8-images",
+            ]
+    evaluated = [x for x in lines if x.get("stage") == "evaluate" and "accuracy" in x]
+    assert all(0.0 <= x["accuracy"] <= 1.0 for x in evaluated)
+
+
+def test_superlink_and_three_supernodes(tmp_path):
+    lines = run_federation(tmp_path, tls=False, rounds=2)
+    check_clients(lines, rounds=2)
+    server = [x["server"] for x in lines if "server" in x]
+    assert server[-1]["pieces"] == 3.0  # round 2 was a transfer round across the three devices
+
+
+def test_superlink_and_supernodes_over_tls(tmp_path):
+    check_clients(run_federation(tmp_path, tls=True, rounds=1), rounds=1)
