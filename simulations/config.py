@@ -118,6 +118,9 @@ class ExperimentConfig:
             transfer_every=self.transfer_every,
             share=self.strategy.get("share", "unselected"),
             max_packet_age=self.strategy.get("max_packet_age"),
+            max_packet_values=self.strategy.get("max_packet_values", 50_000_000),
+            max_factor_norm=self.strategy.get("max_factor_norm", 1e4),
+            clip_pieces=self.strategy.get("clip_pieces", 100.0),
             **common,
         )
 

@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import FakeGrid, app_nodes, set_task_identity
+from simulations.client_app import make_client_app
+from simulations.config import compose
+from simulations.server_app import run_server
+
 pytestmark = pytest.mark.resume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +86,12 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    simulate(f"output_dir={tmp_path / 'a'}", "checkpoint=false", "num_rounds=2")
-    simulate(f"output_dir={tmp_path / 'b'}", "checkpoint=false", "num_rounds=2")
-    assert final_metrics(only_run(tmp_path / "a")) == final_metrics(only_run(tmp_path / "b"))
+    """The real ServerApp and ClientApp code, in process (the resume test covers Ray)."""
+    set_task_identity()
+    cfg = compose("federation=tiny num_rounds=2")
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        grid = FakeGrid(app_nodes(make_client_app(lambda context: cfg), cfg.num_clients))
+        runs.append(final_metrics(run_server(grid, cfg, tmp_path / name)))
+    assert runs[0] == runs[1] and len(runs[0]) == 12
