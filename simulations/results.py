@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+matplotlib.use("Agg")  # files only, no display
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def _plot_curves(curves: dict[str, dict[int, float]], path: Path, title: str) ->
     for group, points in sorted(curves.items()):
         ax.plot(list(points), list(points.values()), marker="o", label=group)
     ax.set(xlabel="round", ylabel="accuracy / F1", title=title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

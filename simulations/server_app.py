@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -71,7 +72,15 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
             timeout=cfg.round_timeout,
             train_config=ConfigRecord(train_config),
         )
-    summary = summarize(run_dir, cfg.name, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    previous = (
+        json.loads(run_file.read_text()) if (run_file := run_dir / "run.json").exists() else {}
+    )
+    total = previous.get("seconds", 0.0) + seconds  # a resumed run adds to its first part
+    run_file.write_text(
+        json.dumps({"name": cfg.name, "seconds": round(total, 3)}), encoding="utf-8"
+    )
+    summary = summarize(run_dir, cfg.name, total)
     log.info("results written to %s\n%s", run_dir, summary.read_text(encoding="utf-8"))
     return run_dir
 
