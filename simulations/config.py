@@ -42,6 +42,7 @@ class ClientGroup:
     count: int = 1
     exclude: tuple[str, ...] = ()
     send_only: bool = False
+    examples: int | None = None  # training examples per client (default: the federation's)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
                 count=int(c.get("count", 1)),
                 exclude=tuple(c.get("exclude", ())),
                 send_only=bool(c.get("send_only", False)),
+                examples=c.get("examples"),
             )
         )
     need(bool(clients), "federation.clients is empty")

@@ -56,7 +56,8 @@ def build_workload(
     """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``)."""
     spec, index, peers = cfg.client(partition_id)
     seed = cfg.seed * 1000 + partition_id
-    train_set, test_set, num_classes = _datasets(cfg, spec.dataset, index, peers, seed)
+    examples = spec.examples or cfg.examples_per_client
+    train_set, test_set, num_classes = _datasets(cfg, spec.dataset, index, peers, seed, examples)
     model = build_model(spec.arch, num_classes, seed=seed)
     layers = select_layers(model, as_spec(spec.layers, spec.exclude))
     identity = client_identity(cfg, partition_id, client_id)
@@ -64,7 +65,7 @@ def build_workload(
 
 
 def _datasets(
-    cfg: ExperimentConfig, name: str, index: int, peers: int, seed: int
+    cfg: ExperimentConfig, name: str, index: int, peers: int, seed: int, examples: int
 ) -> tuple[Dataset, Dataset, int]:
     """Train partition ``index`` of ``peers``, a test subset, and the number of classes."""
     if name in IMAGE_DATASETS:
@@ -76,7 +77,7 @@ def _datasets(
             x, y = D.synthetic_images(2000, 4, seed=cfg.seed)
             tx, ty = D.synthetic_images(500, 4, seed=cfg.seed + 1)
             num_classes = 4
-        rows = _partition(cfg, y, index, peers)
+        rows = _partition(cfg, y, index, peers, examples)
         test = _subset(len(ty), cfg.test_examples, seed)
         return (
             D.ImageDataset(x[rows], y[rows], train=True),
@@ -92,7 +93,7 @@ def _datasets(
             texts, labels, num_classes = D.load_text_classification(name, "train", cfg.data_dir)
             test_texts, test_labels, _ = D.load_text_classification(name, "test", cfg.data_dir)
         tokenizer = D.build_tokenizer(cfg.data_dir)
-        rows = _partition(cfg, np.asarray(labels), index, peers)
+        rows = _partition(cfg, np.asarray(labels), index, peers, examples)
         test = _subset(len(test_labels), cfg.test_examples, seed)
         train_set = D.TextClassificationDataset(
             [texts[i] for i in rows], [labels[i] for i in rows], tokenizer, TEXT_MAX_LENGTH
@@ -109,7 +110,7 @@ def _datasets(
         test = D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
         tokenizer = D.build_tokenizer(cfg.data_dir)
         answerable = np.array([0 if ex.is_impossible else 1 for ex in train])
-        rows = _partition(cfg, answerable, index, peers)
+        rows = _partition(cfg, answerable, index, peers, examples)
         keep = _subset(len(test), cfg.test_examples, seed)
         return (
             D.QADataset([train[i] for i in rows], tokenizer, QA_MAX_LENGTH),
@@ -121,7 +122,9 @@ def _datasets(
     )
 
 
-def _partition(cfg: ExperimentConfig, labels: np.ndarray, index: int, peers: int) -> np.ndarray:
+def _partition(
+    cfg: ExperimentConfig, labels: np.ndarray, index: int, peers: int, examples: int
+) -> np.ndarray:
     return D.partition_indices(
         labels,
         num_partitions=peers,
@@ -129,7 +132,7 @@ def _partition(cfg: ExperimentConfig, labels: np.ndarray, index: int, peers: int
         scheme=cfg.partition,
         alpha=cfg.alpha,
         seed=cfg.seed,
-        max_examples=cfg.examples_per_client,
+        max_examples=examples,
     )
 
 

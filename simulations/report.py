@@ -53,6 +53,8 @@ def method_label(cfg: dict) -> str:
     label = f"MergeNet ({cfg['adapter']['variant']}"
     if cfg["transfer_every"] != 1:
         label += f", every {cfg['transfer_every']} rounds"
+    if cfg["strategy"].get("share", "none") == "none":
+        label += ", transfer only"
     return label + ")"
 
 

@@ -22,7 +22,7 @@ from simulations.client_app import make_client_app
 from simulations.config import from_dictconfig
 from simulations.server_app import make_server_app, setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simulations.run")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

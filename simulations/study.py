@@ -22,7 +22,7 @@ from simulations.config import CONF_DIR
 from simulations.report import write_report
 from simulations.server_app import setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simulations.study")
 
 
 def sweep_commands(study: str, out: Path) -> dict[str, list[str]]:
