@@ -119,7 +119,7 @@ def _order(method: str) -> tuple[int, str]:
     return ({LOCAL: 0, GROUP_FEDAVG: 1}.get(method, 2), method)
 
 
-def federation_section(federation: str, runs: list[Run], figures: Path, index: int) -> list[str]:
+def federation_section(federation: str, runs: list[Run], figure: Path) -> list[str]:
     by_method: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_method[run.method].append(run)
@@ -167,9 +167,8 @@ def federation_section(federation: str, runs: list[Run], figures: Path, index: i
             )
             out.append(f"- {m}: {gains}")
         out.append("")
-    figure = figures / f"federation{index}.png"
     _plot(federation, methods, groups, means, by_method, figure)
-    out += [f"![{federation}](figures/{figure.name})", ""]
+    out += [f"![{federation}]({figure.parent.name}/{figure.name})", ""]
     return out
 
 
@@ -230,6 +229,6 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "",
     ]
     for i, (federation, fed_runs) in enumerate(sorted(by_fed.items())):
-        lines += federation_section(federation, fed_runs, figures, i)
+        lines += federation_section(federation, fed_runs, figures / f"{dest.stem}-{i}.png")
     dest.write_text("\n".join(lines), encoding="utf-8")
     return dest

@@ -47,43 +47,17 @@ class RunRecorder:
         self.started = time.perf_counter()
 
     def __call__(self, record: dict[str, Any]) -> None:
-        elapsed = round(time.perf_counter() - self.started, 3)
+        head = {"round": record["round"], "stage": record["stage"]}
+        lines = [
+            {**head, "client": cid, "seconds": round(time.perf_counter() - self.started, 3), **v}
+            for cid, v in sorted(record["clients"].items())
+        ]
+        lines += [{**head, "client": c, "dropped": r} for c, r in sorted(record["dropped"].items())]
+        for key in ("absent", "server"):
+            if record.get(key):
+                lines.append({**head, key: record[key]})
         with self.path.open("a", encoding="utf-8") as f:
-            for cid, values in sorted(record["clients"].items()):
-                line = {
-                    "round": record["round"],
-                    "stage": record["stage"],
-                    "client": cid,
-                    "seconds": elapsed,
-                    **values,
-                }
-                f.write(json.dumps(line) + "\n")
-            for cid, reason in sorted(record["dropped"].items()):
-                line = {
-                    "round": record["round"],
-                    "stage": record["stage"],
-                    "client": cid,
-                    "dropped": reason,
-                }
-                f.write(json.dumps(line) + "\n")
-            if record.get("absent"):
-                line = {
-                    "round": record["round"],
-                    "stage": record["stage"],
-                    "absent": record["absent"],
-                }
-                f.write(json.dumps(line) + "\n")
-            if record.get("server"):
-                f.write(
-                    json.dumps(
-                        {
-                            "round": record["round"],
-                            "stage": record["stage"],
-                            "server": record["server"],
-                        }
-                    )
-                    + "\n"
-                )
+            f.writelines(json.dumps(line) + "\n" for line in lines)
 
     def drop_after(self, last_round: int) -> None:
         """Forget lines of rounds after ``last_round`` (an interrupted run being resumed)."""

@@ -376,8 +376,6 @@ class PeerStrategy(Strategy):
             if reply.shared:
                 by_group.setdefault(reply.identity.group, []).append(reply)
         for group, members in by_group.items():
-            if len(members) < 2:
-                continue
             weights = np.array(
                 [max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members], dtype=np.float64
             )
