@@ -24,7 +24,9 @@ from simulations.results import SCORE_KEYS, bytes_per_round, group_curves, read_
 matplotlib.use("Agg")  # files only, no display
 
 NUM_CLASSES = {"cifar10": 10, "sst2": 2, "imdb": 2, "agnews": 4, "squad2": 2}
-LOCAL, GROUP_FEDAVG = "LocalOnly", "GroupFedAvg"
+LOCAL, GROUP_FEDAVG, LPKA = "LocalOnly", "GroupFedAvg", "MergeNet (lpka)"
+TRANSFER_ONLY = "MergeNet (lpka, transfer only)"
+ABLATION_ORDER = ("lpka", "avg", "rows", "mlp")  # the paper's order, best first
 
 
 @dataclass
@@ -34,9 +36,9 @@ class Run:
     federation: str
     method: str
     seed: int
-    final: dict[str, float]  # group -> final evaluation score
-    curves: dict[str, dict[int, float]]
-    score_key: dict[str, str]
+    final: dict[str, dict[str, float]]  # group -> metric -> final evaluation value
+    curves: dict[str, dict[int, float]]  # group -> round -> main score
+    tasks: dict[str, str]  # group -> task
     bytes_per_round: float
     fedavg_bytes_per_round: float
     seconds: float
@@ -76,10 +78,10 @@ def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
     curves = group_curves(lines)
     if not curves:
         return None
-    score_key = {}
-    for line in lines:
-        if line.get("stage") == "evaluate" and "group" in line:
-            score_key.setdefault(line["group"], next(k for k in SCORE_KEYS if k in line))
+    final: dict[str, dict[str, float]] = defaultdict(dict)
+    for metric in SCORE_KEYS:
+        for group, curve in group_curves(lines, metric).items():
+            final[group][metric] = list(curve.values())[-1]
     traffic = bytes_per_round(lines)
     federation = " + ".join(sorted(curves))
     if federation not in fedavg_cache:
@@ -94,9 +96,9 @@ def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
         federation=federation,
         method=method_label(cfg),
         seed=cfg["seed"],
-        final={g: list(c.values())[-1] for g, c in curves.items()},
+        final=dict(final),
         curves=curves,
-        score_key=score_key,
+        tasks={c["group"]: c["task"] for c in cfg["federation"]["clients"]},
         bytes_per_round=sum(d + u for d, u in traffic.values()) / max(len(traffic), 1),
         fedavg_bytes_per_round=fedavg_cache[federation],
         seconds=json.loads((path / "run.json").read_text())["seconds"],
@@ -119,26 +121,63 @@ def _order(method: str) -> tuple[int, str]:
     return ({LOCAL: 0, GROUP_FEDAVG: 1}.get(method, 2), method)
 
 
+def _main_metric(run: Run, group: str) -> str:
+    return next(k for k in SCORE_KEYS if k in run.final[group])
+
+
+@dataclass
+class Table:
+    """One federation's runs by method, with mean ± std over seeds per group and metric."""
+
+    by_method: dict[str, list[Run]]
+    groups: list[str]
+    metrics: dict[str, list[str]]  # group -> its metrics, main score first
+    stats: dict[tuple[str, str, str], tuple[float, float]]  # (method, group, metric)
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> Table:
+        by_method: dict[str, list[Run]] = defaultdict(list)
+        for run in runs:
+            by_method[run.method].append(run)
+        groups = sorted({g for r in runs for g in r.final})
+        metrics = {
+            g: [k for k in SCORE_KEYS if any(k in r.final.get(g, {}) for r in runs)] for g in groups
+        }
+        stats = {
+            (m, g, k): _mean_std([r.final[g][k] for r in rs if k in r.final.get(g, {})])
+            for m, rs in by_method.items()
+            for g in groups
+            for k in metrics[g]
+        }
+        return cls(
+            dict(sorted(by_method.items(), key=lambda i: _order(i[0]))), groups, metrics, stats
+        )
+
+    def score(self, method: str, group: str) -> tuple[float, float]:
+        """Mean ± std of the group's main score (accuracy; F1 for QA)."""
+        return self.stats[method, group, self.metrics[group][0]]
+
+    def overall(self, method: str) -> float:
+        return statistics.mean(self.score(method, g)[0] for g in self.groups)
+
+
 def federation_section(federation: str, runs: list[Run], figure: Path) -> list[str]:
-    by_method: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_method[run.method].append(run)
-    methods = sorted(by_method, key=_order)
-    groups = sorted({g for r in runs for g in r.final})
-    keys = {g: next(r.score_key[g] for r in runs if g in r.score_key) for g in groups}
-    means = {
-        (m, g): _mean_std([r.final[g] for r in by_method[m] if g in r.final])
-        for m in methods
-        for g in groups
-    }
+    table = Table.of(runs)
+    groups = table.groups
     out = [f"### {federation}", ""]
-    header = "| method | seeds | " + " | ".join(f"{g} ({keys[g]})" for g in groups)
+    header = "| method | seeds | " + " | ".join(
+        f"{g} ({' / '.join(table.metrics[g])})" for g in groups
+    )
     out += [header + " | mean | bytes/round | vs FedAvg full | wall s | client overhead |"]
     out += ["|---|---:|" + "---:|" * (len(groups) + 5)]
-    for m in methods:
-        rs = by_method[m]
-        cells = [f"{100 * means[m, g][0]:.1f} ± {100 * means[m, g][1]:.1f}" for g in groups]
-        avg = statistics.mean(means[m, g][0] for g in groups)
+    for m, rs in table.by_method.items():
+        cells = [
+            " / ".join(
+                "{:.1f} ± {:.1f}".format(*(100 * v for v in table.stats[m, g, k]))
+                for k in table.metrics[g]
+            )
+            for g in groups
+        ]
         b = statistics.mean(r.bytes_per_round for r in rs)
         full = rs[0].fedavg_bytes_per_round
         overheads = [r.overhead for r in rs if r.overhead is not None]
@@ -146,46 +185,142 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
         ratio = f"1/{full / b:,.0f}" if b > 0 else "–"
         wall = statistics.mean(r.seconds for r in rs)
         out.append(
-            f"| {m} | {len(rs)} | {' | '.join(cells)} | {100 * avg:.1f} | {b / 1e3:,.0f} kB | "
-            f"{ratio} | {wall:.0f} | {oh} |"
+            f"| {m} | {len(rs)} | {' | '.join(cells)} | {100 * table.overall(m):.1f} | "
+            f"{b / 1e3:,.0f} kB | {ratio} | {wall:.0f} | {oh} |"
         )
     out.append("")
     for base in (LOCAL, GROUP_FEDAVG):
-        if base not in by_method:
+        if base not in table.by_method:
             continue
         out.append(
-            f"Gain over {base}, points (mean over seeds; ± is the std of the method's runs):"
+            f"Gain over {base}, points of the main score (mean over seeds; ± is the std of "
+            "the method's runs):"
         )
         out.append("")
-        for m in methods:
+        for m in table.by_method:
             if m in (LOCAL, GROUP_FEDAVG):
                 continue
             gains = ", ".join(
-                f"{g} {100 * (means[m, g][0] - means[base, g][0]):+.1f}"
-                f" ± {100 * means[m, g][1]:.1f}"
+                f"{g} {100 * (table.score(m, g)[0] - table.score(base, g)[0]):+.1f}"
+                f" ± {100 * table.score(m, g)[1]:.1f}"
                 for g in groups
             )
             out.append(f"- {m}: {gains}")
         out.append("")
-    _plot(federation, methods, groups, means, by_method, figure)
+    _plot(federation, table, figure)
     out += [f"![{federation}]({figure.parent.name}/{figure.name})", ""]
     return out
 
 
-def _plot(federation, methods, groups, means, by_method, path: Path) -> None:
+def targets_section(runs: list[Run]) -> list[str]:
+    """The issue's targets against what the runs measured (the federation that has both
+    baselines and MergeNet (lpka))."""
+    by_fed: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_fed[run.federation].append(run)
+    tables = [Table.of(rs) for rs in by_fed.values()]
+    tables = [t for t in tables if {LOCAL, GROUP_FEDAVG, LPKA} <= set(t.by_method)]
+    if not tables:
+        return []
+    t = tables[0]
+    lpka_runs = t.by_method[LPKA]
+    image = [g for g in t.groups if lpka_runs[0].tasks.get(g) == "image_classification"]
+
+    def image_gain(base: str) -> float:
+        return 100 * statistics.mean(t.score(LPKA, g)[0] - t.score(base, g)[0] for g in image)
+
+    worse = [
+        g
+        for g in t.groups
+        if t.score(LPKA, g)[0] - t.score(LOCAL, g)[0]
+        < -max(t.score(LPKA, g)[1], t.score(LOCAL, g)[1])
+    ]
+    variants = [v for v in ABLATION_ORDER if f"MergeNet ({v})" in t.by_method]
+    ablation = [t.overall(f"MergeNet ({v})") for v in variants]
+    order_holds = len(variants) == len(ABLATION_ORDER) and (
+        ablation[0] >= ablation[1] >= ablation[2] > ablation[3]
+    )
+
+    def ratio(method: str) -> float:
+        runs = t.by_method[method]
+        return statistics.mean(r.fedavg_bytes_per_round / r.bytes_per_round for r in runs)
+
+    # MergeNet's own messages are those of "transfer only"; lpka also runs group FedAvg.
+    transfer = TRANSFER_ONLY if TRANSFER_ONLY in t.by_method else LPKA
+    traffic = f"{transfer}: 1/{ratio(transfer):,.0f}"
+    if transfer != LPKA:
+        traffic += f"; {LPKA} with group FedAvg of the other parameters: 1/{ratio(LPKA):,.0f}"
+    overhead = 100 * statistics.mean(r.overhead or 0.0 for r in lpka_runs)
+    start = min(r.path.joinpath("run.json").stat().st_mtime - r.seconds for r in runs)
+    end = max(r.path.joinpath("run.json").stat().st_mtime for r in runs)
+    minutes = (end - start) / 60
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    gain_local, gain_group = image_gain(LOCAL), image_gain(GROUP_FEDAVG)
+    rows = [
+        (
+            "MergeNet (lpka) ≥ LocalOnly + 2 points, image groups",
+            f"{gain_local:+.1f} points",
+            yes(gain_local >= 2),
+        ),
+        (
+            "MergeNet (lpka) ≥ GroupFedAvg + 1 point, image groups",
+            f"{gain_group:+.1f} points",
+            yes(gain_group >= 1),
+        ),
+        (
+            "no group worse than LocalOnly beyond seed noise (the larger std)",
+            ", ".join(worse) if worse else "none worse",
+            yes(not worse),
+        ),
+        (
+            "ablation order lpka ≥ avg ≥ rows > mlp (mean score over groups)",
+            ", ".join(f"{v} {100 * a:.1f}" for v, a in zip(variants, ablation, strict=True)),
+            yes(order_holds),
+        ),
+        (
+            "MergeNet's bytes per round ≤ 1/100 of FedAvg on the full models",
+            traffic,
+            yes(ratio(transfer) >= 100),
+        ),
+        (
+            "MergeNet's client-side steps < 5 % of local training",
+            f"{overhead:.1f} %",
+            yes(overhead < 5),
+        ),
+        (
+            "study wall time (first run's start to last run's end)",
+            f"{minutes:.0f} min",
+            "–",
+        ),
+    ]
+    out = [
+        f"## Targets ({' + '.join(t.groups)})",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return out + [""]
+
+
+def _plot(federation: str, table: Table, path: Path) -> None:
+    groups = table.groups
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
+    width = 0.8 / len(table.by_method)
+    for i, (m, runs) in enumerate(table.by_method.items()):
         xs = [j + i * width for j in range(len(groups))]
         axes[0].bar(
             xs,
-            [means[m, g][0] for g in groups],
+            [table.score(m, g)[0] for g in groups],
             width,
-            yerr=[means[m, g][1] for g in groups],
+            yerr=[table.score(m, g)[1] for g in groups],
             label=m,
         )
         rounds: dict[int, list[float]] = defaultdict(list)
-        for run in by_method[m]:
+        for run in runs:
             for r in sorted({r for c in run.curves.values() for r in c}):
                 vals = [c[r] for c in run.curves.values() if r in c]
                 rounds[r].append(statistics.mean(vals))
@@ -220,12 +355,16 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} from {len(runs)} runs in "
         f"`{study_dir.name}/`. Scores are the final round's evaluation on each client's test "
-        "examples (accuracy; F1 for QA), weighted by examples within a group; ± is the standard "
-        "deviation over seeds. Nothing was tuned on the test split: every setting is the "
-        "config's default. Bytes per round are all clients' messages, down and up, averaged "
-        "over rounds; 'vs FedAvg full' compares with FedAvg sending every client's whole model "
-        "both ways. Client overhead is MergeNet's client-side time (install, packet, gradient "
+        "examples (accuracy; for QA F1, the main score, and EM), weighted by examples within "
+        "a group; ± is the standard deviation over seeds. Nothing was tuned on the test "
+        "split: every setting is the config's default. Bytes per round are all clients' "
+        "messages, down and up, averaged over rounds; 'vs FedAvg full' compares with FedAvg "
+        "sending every client's whole model both ways. Client overhead is MergeNet's "
+        "client-side time (install, packet, gradient "
         "pieces) over local training time.",
+        "",
+        *targets_section(runs),
+        "## Per federation",
         "",
     ]
     for i, (federation, fed_runs) in enumerate(sorted(by_fed.items())):

@@ -76,13 +76,22 @@ def read_lines(run_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def group_curves(lines: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Group -> round -> example-weighted evaluation score."""
+def group_curves(
+    lines: list[dict[str, Any]], metric: str | None = None
+) -> dict[str, dict[int, float]]:
+    """Group -> round -> example-weighted evaluation score.
+
+    The score is ``metric`` where given (groups without it are left out), else the first of
+    :data:`SCORE_KEYS` that a group reports.
+    """
     sums: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
     for line in lines:
         if line.get("stage") != "evaluate" or "group" not in line:
             continue
-        key = next((k for k in SCORE_KEYS if k in line), None)
+        if metric is not None:
+            key = metric if metric in line else None
+        else:
+            key = next((k for k in SCORE_KEYS if k in line), None)
         if key is None:
             continue
         n = max(line.get("num-examples", 1.0), 1.0)

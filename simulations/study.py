@@ -4,7 +4,8 @@
     python -m simulations.study full      # 3 seeds, every method: under an hour on 2 cores
 
 The sweeps are in ``conf/study/<name>.yaml``; results go to ``outputs/study-<name>/`` and the
-report to ``docs/results.md`` (``--report`` to change it).
+report to ``docs/results.md`` for ``full``, ``docs/results-<name>.md`` for the others
+(``--report`` to change it).
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", help="a file of conf/study/, e.g. quick or full")
     parser.add_argument("--out", type=Path, help="default: outputs/study-<study>")
-    parser.add_argument("--report", type=Path, default=Path("docs/results.md"))
+    parser.add_argument(
+        "--report", type=Path, help="default: docs/results.md (full), docs/results-<study>.md"
+    )
     parser.add_argument("--report-only", action="store_true", help="write the report, run nothing")
     args = parser.parse_args()
     setup_logging()
     out = (args.out or Path("outputs") / f"study-{args.study}").resolve()
+    report = args.report or Path(
+        "docs/results.md" if args.study == "full" else f"docs/results-{args.study}.md"
+    )
     if not args.report_only:
         commands = sweep_commands(args.study, out)
         start = time.perf_counter()
@@ -68,10 +74,8 @@ def main() -> None:
             )
             subprocess.run(cmd, check=True)
         log.info("study %r done in %.0f s", args.study, time.perf_counter() - start)
-    write_report(
-        out, args.report, title=f"Results: study `{args.study}`", command=" ".join(sys.argv)
-    )
-    log.info("report written to %s", args.report)
+    write_report(out, report, title=f"Results: study `{args.study}`", command=" ".join(sys.argv))
+    log.info("report written to %s", report)
 
 
 if __name__ == "__main__":

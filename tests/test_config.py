@@ -10,7 +10,8 @@ def test_string_and_list_overrides_compose_the_same_config():
     a = compose("strategy=mergenet adapter=mlp num_rounds=5")
     b = compose(["strategy=mergenet", "adapter=mlp", "num_rounds=5"])
     assert a == b and a.raw == b.raw
-    assert a.adapter["variant"] == "mlp" and a.num_rounds == 5 and a.name == "mergenet-mlp-T1-share-unselected"
+    assert a.adapter["variant"] == "mlp" and a.num_rounds == 5
+    assert a.name == "mergenet-mlp-T1-share-unselected"
     hn = a.hypernet()
     assert hn.adapter.variant == "mlp" and hn.adapter.rank == a.rank
 

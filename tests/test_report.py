@@ -1,23 +1,36 @@
 """The study report is computed from run folders; here from hand-made ones with known numbers."""
 
 import json
+import re
 
 from omegaconf import OmegaConf
 
 from simulations.report import collect, write_report
 
 
-def fake_run(root, name, strategy, seed, scores, share="unselected"):
+def fake_run(root, name, strategy, seed, scores, share="unselected", variant="lpka", qa=None):
+    """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
+    (f1, em)) with the given accuracy per round."""
     run = root / name
     run.mkdir(parents=True)
+    clients = [
+        {"group": "r8", "task": "image_classification", "arch": "resnet8", "dataset": "cifar10"}
+    ]
+    if qa:
+        clients.append(
+            {
+                "group": "qa",
+                "task": "extractive_qa",
+                "arch": "distilbert_tiny_qa",
+                "dataset": "squad2",
+            }
+        )
     cfg = {
         "seed": seed,
         "transfer_every": 1,
         "strategy": {"name": strategy, "share": share},
-        "adapter": {"variant": "lpka"},
-        "federation": {
-            "clients": [{"arch": "resnet8", "dataset": "cifar10", "count": 2}],
-        },
+        "adapter": {"variant": variant},
+        "federation": {"clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:]},
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
     lines = []
@@ -45,6 +58,18 @@ def fake_run(root, name, strategy, seed, scores, share="unselected"):
                     "num-examples": 10,
                     "accuracy": score,
                     "loss": 1.0,
+                }
+            )
+        if qa:
+            f1, em = qa[rnd]
+            lines.append(
+                {
+                    "round": rnd,
+                    "stage": "evaluate",
+                    "client": "q",
+                    "group": "qa",
+                    "f1": f1,
+                    "em": em,
                 }
             )
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -76,3 +101,40 @@ def test_report_means_gains_bytes_and_overhead(tmp_path):
     assert "- MergeNet (lpka): r8 +7.0 ± 2.8" in text
     assert "2.0 %" in text  # client overhead
     assert (tmp_path / "docs" / "figures" / "results-0.png").stat().st_size > 0
+
+
+def test_report_checks_the_targets(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # method -> final accuracy per seed
+        ("local", "lpka"): (0.20, 0.22),
+        ("groupfedavg", "lpka"): (0.23, 0.25),
+        ("mergenet", "lpka"): (0.30, 0.26),
+        ("mergenet", "avg"): (0.27, 0.27),
+        ("mergenet", "rows"): (0.25, 0.25),
+        ("mergenet", "mlp"): (0.26, 0.26),  # beats rows: the paper's order does not hold
+    }
+    for (strategy, variant), scores in finals.items():
+        for seed, final in enumerate(scores):
+            name = f"{strategy}-{variant}-{seed}"
+            fake_run(study, name, strategy, seed, [0.1, final], variant=variant)
+    dest = tmp_path / "results.md"
+    write_report(study, dest, title="T", command="cmd")
+    text = dest.read_text()
+    assert "| MergeNet (lpka) ≥ LocalOnly + 2 points, image groups | +7.0 points | yes |" in text
+    assert "| MergeNet (lpka) ≥ GroupFedAvg + 1 point, image groups | +4.0 points | yes |" in text
+    assert "| none worse | yes |" in text
+    assert "lpka 28.0, avg 27.0, rows 25.0, mlp 26.0 | **no** |" in text
+    assert "| 2.0 % | yes |" in text
+    # 800 bytes per round against two ResNet-8s sent both ways in float32
+    assert re.search(r"\| MergeNet \(lpka\): 1/[\d,]+ \| yes \|", text)
+
+
+def test_report_shows_f1_and_em_for_qa(tmp_path):
+    study = tmp_path / "study"
+    fake_run(study, "a", "local", 0, [0.1, 0.2], qa={1: (0.1, 0.0), 2: (0.40, 0.25)})
+    fake_run(study, "b", "local", 1, [0.1, 0.2], qa={1: (0.1, 0.0), 2: (0.50, 0.35)})
+    dest = tmp_path / "results.md"
+    write_report(study, dest, title="T", command="cmd")
+    text = dest.read_text()
+    assert "| qa (f1 / em) | r8 (accuracy) |" in text
+    assert "| LocalOnly | 2 | 45.0 ± 7.1 / 30.0 ± 7.1 | 20.0 ± 0.0 | 32.5 |" in text
