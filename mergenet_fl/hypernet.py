@@ -39,6 +39,10 @@ class HypernetConfig:
     re-encoded), so cost grows with groups, not clients; a target's own group is a source when
     it has other members. Otherwise every other client is a source of its own.
     ``self_transfer``: a target layer also attends to the client's other transfer layers.
+    ``group_targets``: the members of a group with several members are one target: the adapter
+    reads the group's summary as the target's own factors and every member gets the same merged
+    factors (what a group that averages its other parameters needs; at initialisation this is
+    the group's mean of the transfer layers). Lone members stay targets of their own.
     ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
     """
 
@@ -48,6 +52,7 @@ class HypernetConfig:
     max_grad_norm: float | None = 1.0
     summarize_groups: bool = True
     self_transfer: bool = False
+    group_targets: bool = False
     chunk_size: int = 64
 
     def __post_init__(self) -> None:
@@ -65,13 +70,21 @@ class HypernetConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """Targets that share one layer shape and one source set: ``a: (N, m, R)``, ``b: (N, R, n)``."""
+    """Targets that share one layer shape and one source set: ``a: (N, m, R)``, ``b: (N, R, n)``.
+
+    Row ``i`` is the target of the clients ``members[i]`` (one client, or a whole group with
+    ``group_targets``); they all get that row's merged factors.
+    """
 
     layer: str
-    clients: tuple[str, ...]
+    members: tuple[tuple[str, ...], ...]
     a: torch.Tensor
     b: torch.Tensor
     sources: SourceTokens
+
+    @property
+    def clients(self) -> tuple[str, ...]:
+        return tuple(c for row in self.members for c in row)
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,8 @@ class Hypernetwork:
         groups = bank.groups()
         summaries: dict[str, KnowledgePacket] = {}
         token_cache: dict[object, SourceTokens] = {}
-        batches: dict[object, tuple[str, list[str], list[FactorPair], object]] = {}
+        # (source set, layer) -> layer, row -> members, row -> target factors, sources
+        batches: dict[object, tuple[str, dict, dict, list]] = {}
 
         def summary(group: str) -> KnowledgePacket:
             if group not in summaries:
@@ -158,36 +172,42 @@ class Hypernetwork:
             if cid not in bank or bank.get(cid).send_only:
                 continue
             entry = bank.get(cid)
+            grouped = self.cfg.group_targets and len(groups[entry.group]) > 1
+            own = summary(entry.group) if grouped else entry.packet
+            row: tuple[str, str] = ("group", entry.group) if grouped else ("client", cid)
             if self.cfg.summarize_groups:
+                # every group with another member is a source, the target's own included
                 peers = [summary(g) for g, ms in groups.items() if g != entry.group or len(ms) > 1]
                 source_key: object = entry.group
             else:
-                peers = [bank.get(c).packet for c in bank if c != cid]
-                source_key = cid
-            for layer, lf in entry.packet.layers.items():
+                # every other client; a group target reads all of its members too
+                peers = [bank.get(c).packet for c in bank if c != cid or grouped]
+                source_key = row
+            for layer, lf in own.layers.items():
                 sources = [f for p in peers for f in p.factors().values()]
                 key = (source_key, layer)
                 if self.cfg.self_transfer:
-                    sources += [f for n, f in entry.packet.factors().items() if n != layer]
-                    key = (cid, layer)
+                    sources += [f for n, f in own.factors().items() if n != layer]
+                    key = (row, layer)
                 if not sources:
                     continue
                 if key not in batches:
-                    batches[key] = (layer, [], [], sources)
-                batches[key][1].append(cid)
-                batches[key][2].append(pad_rank(lf.a, lf.b, self.rank))
+                    batches[key] = (layer, {}, {}, sources)
+                batches[key][1].setdefault(row, []).append(cid)
+                batches[key][2][row] = pad_rank(lf.a, lf.b, self.rank)
 
         jobs = []
-        for key, (layer, clients, factors, sources) in batches.items():
+        for key, (layer, members, factors, sources) in batches.items():
             tok_key = key if self.cfg.self_transfer else key[0]
             if tok_key not in token_cache:
                 padded = [pad_rank(a, b, self.rank) for a, b in sources]
                 token_cache[tok_key] = SourceTokens.build(
                     padded, self.rank, self.cfg.adapter.max_source_tokens
                 )
-            a = torch.stack([f[0] for f in factors])
-            b = torch.stack([f[1] for f in factors])
-            jobs.append(Job(layer, tuple(clients), a, b, token_cache[tok_key]))
+            a = torch.stack([factors[r][0] for r in members])
+            b = torch.stack([factors[r][1] for r in members])
+            rows = tuple(tuple(ms) for ms in members.values())
+            jobs.append(Job(layer, rows, a, b, token_cache[tok_key]))
         return jobs
 
     @torch.no_grad()
@@ -203,10 +223,11 @@ class Hypernetwork:
         merged: dict[str, dict[str, FactorPair]] = {}
         self.adapter.eval()
         for job in jobs:
-            for rows in _chunks(range(len(job.clients)), self.cfg.chunk_size):
+            for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 out_a, out_b = self.adapter(job.a[rows], job.b[rows], job.sources)
                 for i, row in enumerate(rows):
-                    merged.setdefault(job.clients[row], {})[job.layer] = (out_a[i], out_b[i])
+                    for cid in job.members[row]:
+                        merged.setdefault(cid, {})[job.layer] = (out_a[i], out_b[i])
         return merged, Generation(round, tuple(jobs))
 
     def update(
@@ -215,7 +236,8 @@ class Hypernetwork:
         """One optimiser step from the clients' gradient pieces; returns step statistics.
 
         Pieces must pass :meth:`Generation.check_pieces` (checked here before anything changes).
-        Clients without pieces are left out of the sum.
+        Clients without pieces are left out of the sum. The members of a row got the same
+        output, so their pieces are summed into one ``grad_outputs``.
         """
         for cid, p in pieces.items():
             generation.check_pieces(cid, p)
@@ -224,11 +246,12 @@ class Hypernetwork:
         used = 0
         self.adapter.train()
         for job in generation.jobs:
-            rows = [i for i, c in enumerate(job.clients) if c in pieces]
+            replied = [[c for c in ms if c in pieces] for ms in job.members]
+            rows = [i for i, cs in enumerate(replied) if cs]
             for chunk in _chunks(rows, self.cfg.chunk_size):
                 out_a, out_b = self.adapter(job.a[chunk], job.b[chunk], job.sources)
-                ga = torch.stack([pieces[job.clients[i]][job.layer][0] for i in chunk])
-                gb = torch.stack([pieces[job.clients[i]][job.layer][1] for i in chunk])
+                ga = torch.stack([sum(pieces[c][job.layer][0] for c in replied[i]) for i in chunk])
+                gb = torch.stack([sum(pieces[c][job.layer][1] for c in replied[i]) for i in chunk])
                 step = torch.autograd.grad(
                     (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
                 )
@@ -236,7 +259,7 @@ class Hypernetwork:
                     g if s is None else (s if g is None else g + s)
                     for g, s in zip(grads, step, strict=True)
                 ]
-                used += len(chunk)
+                used += sum(len(replied[i]) for i in chunk)
         if used == 0 or self.optimizer is None:
             return {"pieces": 0, "grad_norm": 0.0}
         if any(g is not None and not torch.isfinite(g).all() for g in grads):

@@ -4,6 +4,7 @@ Prints one JSON object per line. Each size runs in a fresh process so ``peak_mb`
 
     python -m simulations.bench_server                     # 10, 100, 1000 clients on CPU
     python -m simulations.bench_server --clients 100 --device cuda
+    python -m simulations.bench_server --group-targets     # one target per architecture group
 """
 
 from __future__ import annotations
@@ -66,12 +67,19 @@ def random_pieces(merged: dict, seed: int) -> dict:
     }
 
 
-def run_one(clients: int, rank: int, device_name: str, seed: int, max_tokens: int | None) -> dict:
+def run_one(
+    clients: int,
+    rank: int,
+    device_name: str,
+    seed: int,
+    max_tokens: int | None,
+    group_targets: bool,
+) -> dict:
     device = torch.device(device_name)
     torch.manual_seed(seed)
     bank = make_bank(clients, rank, device, seed)
     adapter = AdapterConfig(rank=rank, seed=seed, max_source_tokens=max_tokens)
-    hn = Hypernetwork(HypernetConfig(adapter=adapter))
+    hn = Hypernetwork(HypernetConfig(adapter=adapter, group_targets=group_targets))
     hn.adapter.to(device)
     targets = list(bank)
     # Warm-up round: registers the layer shapes and moves the adapter away from identity.
@@ -114,6 +122,7 @@ def run_one(clients: int, rank: int, device_name: str, seed: int, max_tokens: in
         "seconds": round(seconds, 3),
         "peak_mb": round(peak_mb, 1),
         "max_source_tokens": max_tokens,
+        "group_targets": group_targets,
         "bytes_per_client": round(4 * up_down / clients),
         "bytes_full": round(4 * full / clients),
         "ratio": round(up_down / full, 4),
@@ -133,16 +142,22 @@ def main() -> None:
         default=str(AdapterConfig.max_source_tokens),
         help="tokens per source layer in the long readings; 'none' attends to all",
     )
+    parser.add_argument(
+        "--group-targets", action="store_true", help="one target per group (share is on)"
+    )
     args = parser.parse_args()
     max_tokens = None if args.max_source_tokens.lower() == "none" else int(args.max_source_tokens)
     if len(args.clients) == 1:
-        result = run_one(args.clients[0], args.rank, args.device, args.seed, max_tokens)
+        result = run_one(
+            args.clients[0], args.rank, args.device, args.seed, max_tokens, args.group_targets
+        )
         print(json.dumps(result), flush=True)
         return
     for n in args.clients:
         cmd = [sys.executable, "-m", "simulations.bench_server", "--clients", str(n)]
         cmd += ["--rank", str(args.rank), "--device", args.device, "--seed", str(args.seed)]
         cmd += ["--max-source-tokens", args.max_source_tokens]
+        cmd += ["--group-targets"] if args.group_targets else []
         subprocess.run(cmd, check=True)
 
 

@@ -92,6 +92,9 @@ class ExperimentConfig:
 
     def hypernet(self) -> HypernetConfig:
         s = self.strategy
+        group_targets = s.get("group_targets")
+        if group_targets is None:  # a group that averages its other parameters is one target
+            group_targets = s.get("share", "unselected") != "none"
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
             optimizer=s.get("optimizer", "adam"),
@@ -99,6 +102,7 @@ class ExperimentConfig:
             max_grad_norm=s.get("max_grad_norm", 1.0),
             summarize_groups=s.get("summarize_groups", True),
             self_transfer=s.get("self_transfer", False),
+            group_targets=group_targets,
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
@@ -167,6 +171,11 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     )
     need(
         strategy.get("share", "none") in SHARE_MODES, f"strategy.share must be one of {SHARE_MODES}"
+    )
+    need(
+        strategy.get("group_targets") in (None, True, False),
+        "strategy.group_targets must be true, false or null, got "
+        f"{strategy.get('group_targets')!r}",
     )
     adapter = dict(raw.get("adapter") or {})
     need(

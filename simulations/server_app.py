@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +40,11 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
     round and clients keep their models under ``run_dir/clients``; with ``cfg.resume``
     (``run_dir`` is then that run's folder) the run continues after its last checkpoint.
     """
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        config_file.write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
+    if not cfg.resume:  # a fresh run in a folder that holds an earlier one replaces it
+        for stale in ("metrics.jsonl", "run.json", "server.ckpt"):
+            (run_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "clients", ignore_errors=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
     recorder = RunRecorder(run_dir)
     strategy = cfg.build_strategy(on_round=recorder)
     train_config = {"local-epochs": cfg.local_epochs}
@@ -73,9 +76,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
             train_config=ConfigRecord(train_config),
         )
     seconds = time.perf_counter() - start
-    previous = (
-        json.loads(run_file.read_text()) if (run_file := run_dir / "run.json").exists() else {}
-    )
+    run_file = run_dir / "run.json"
+    previous = json.loads(run_file.read_text()) if run_file.exists() else {}
     total = previous.get("seconds", 0.0) + seconds  # a resumed run adds to its first part
     run_file.write_text(
         json.dumps({"name": cfg.name, "seconds": round(total, 3)}), encoding="utf-8"

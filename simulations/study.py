@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,9 @@ def main() -> None:
         "--report", type=Path, help="default: docs/results.md (full), docs/results-<study>.md"
     )
     parser.add_argument("--report-only", action="store_true", help="write the report, run nothing")
+    parser.add_argument(
+        "--sweeps", help="comma-separated sweeps to (re)run, e.g. mergenet,cycle (default: all)"
+    )
     args = parser.parse_args()
     setup_logging()
     out = (args.out or Path("outputs") / f"study-{args.study}").resolve()
@@ -63,6 +67,12 @@ def main() -> None:
     )
     if not args.report_only:
         commands = sweep_commands(args.study, out)
+        if args.sweeps:
+            chosen = args.sweeps.split(",")
+            unknown = sorted(set(chosen) - set(commands))
+            if unknown:
+                parser.error(f"unknown sweeps {unknown}; {args.study!r} has {sorted(commands)}")
+            commands = {name: cmd for name, cmd in commands.items() if name in chosen}
         start = time.perf_counter()
         for i, (name, cmd) in enumerate(commands.items(), 1):
             log.info(
@@ -72,6 +82,9 @@ def main() -> None:
                 name,
                 time.perf_counter() - start,
             )
+            if (out / name).exists():
+                log.info("replacing the earlier results of sweep %r", name)
+                shutil.rmtree(out / name)
             subprocess.run(cmd, check=True)
         log.info("study %r done in %.0f s", args.study, time.perf_counter() - start)
     write_report(out, report, title=f"Results: study `{args.study}`", command=" ".join(sys.argv))

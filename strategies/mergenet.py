@@ -36,7 +36,8 @@ class MergeNet(PeerStrategy):
     Parameters
     ----------
     hypernet:
-        The adapter, its optimiser and how sources are formed.
+        The adapter, its optimiser and how sources and targets are formed. Default:
+        :class:`~mergenet_fl.HypernetConfig` with ``group_targets`` on when ``share`` is.
     transfer_every:
         Rounds per knowledge-transfer cycle (``T_cyc``); self-learning in between.
     max_packet_values:
@@ -72,7 +73,9 @@ class MergeNet(PeerStrategy):
             raise ValueError(f"transfer_every must be >= 1, got {transfer_every}")
         if max_packet_age is not None and max_packet_age < 0:
             raise ValueError(f"max_packet_age must be >= 0 or None, got {max_packet_age}")
-        self.hypernet = Hypernetwork(hypernet or HypernetConfig())
+        if hypernet is None:
+            hypernet = HypernetConfig(group_targets=self.share != "none")
+        self.hypernet = Hypernetwork(hypernet)
         self.transfer_every = transfer_every
         self.max_packet_values = max_packet_values
         self.max_packet_age = max_packet_age

@@ -16,6 +16,13 @@ def test_string_and_list_overrides_compose_the_same_config():
     assert hn.adapter.variant == "mlp" and hn.adapter.rank == a.rank
 
 
+def test_group_targets_follow_share_unless_set():
+    assert compose("strategy=mergenet").hypernet().group_targets
+    assert not compose("strategy=mergenet strategy.share=none").hypernet().group_targets
+    explicit = compose("strategy=mergenet strategy.share=none strategy.group_targets=true")
+    assert explicit.hypernet().group_targets
+
+
 def test_default_federation_is_heterogeneous():
     cfg = compose()
     assert cfg.num_clients >= 3
@@ -25,13 +32,17 @@ def test_default_federation_is_heterogeneous():
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        compose("num_rounds=0 strategy.share=some adapter.heads=3 federation.alpha=-1")
+        compose(
+            "num_rounds=0 strategy.share=some adapter.heads=3 federation.alpha=-1 "
+            "strategy.group_targets=sometimes"
+        )
     message = str(info.value)
     for part in (
         "num_rounds must be an integer >= 1",
         "strategy.share",
         "divisible by heads=3",
         "federation.alpha must be > 0",
+        "strategy.group_targets must be true, false or null, got 'sometimes'",
     ):
         assert part in message
 

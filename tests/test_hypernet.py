@@ -94,6 +94,65 @@ def test_generate_is_identity_at_start_and_one_message_per_client():
     assert generation.targets()["m0"] == {"cls": (10, 4, 40), "conv": (12, 4, 18)}
 
 
+def test_group_targets_give_a_group_one_target_its_summary():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL, group_targets=True))
+    jobs = jobs_by_layer(hn, bank, list(bank))
+    fc = next(j for (layer, _), j in jobs.items() if layer == "fc")
+    assert fc.members == (("r0", "r1"),) and fc.a.shape[0] == 1  # one row for the group
+    # the sources are the same as without group targets: all four groups
+    assert sum(t.shape[0] for _, t in fc.sources.tokens[("B", "rows")]) == 5 * 4
+    merged, generation = hn.generate(bank, list(bank), round=2)
+    mean = bank.summary("resnet", 4).layers["fc"]
+    for cid in ("r0", "r1"):  # identity at init: the group's mean transfer layer
+        a, b = merged[cid]["fc"]
+        assert torch.equal(a, mean.a) and torch.equal(b, mean.b)
+    own = bank.get("t0").packet.layers["value"]  # a lone member is its own target
+    assert torch.equal(merged["t0"]["value"][0], own.a)
+    assert generation.targets()["r1"] == {"fc": (10, 4, 32)}
+
+
+def test_group_target_of_a_homogeneous_federation_is_its_mean():
+    bank = KnowledgeBank()
+    for i in range(3):
+        bank.put(f"c{i}", packet({"fc": (10, 32)}, i), group="g", round=1)
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL, group_targets=True))
+    merged, _ = hn.generate(bank, list(bank), round=2)
+    mean = bank.summary("g", 4).layers["fc"]
+    assert set(merged) == {"c0", "c1", "c2"}
+    assert all(torch.equal(merged[c]["fc"][1], mean.b) for c in merged)
+
+
+def test_group_target_update_sums_the_members_pieces():
+    bank = federation()
+    cfg = HypernetConfig(
+        adapter=SMALL, group_targets=True, max_grad_norm=None, optimizer="sgd", lr=0.1
+    )
+    torch.manual_seed(0)
+    grouped, reference = Hypernetwork(cfg), Hypernetwork(cfg)
+    _, gen_grouped = grouped.generate(bank, ["r0", "r1", "t0"], round=2)
+    _, gen_ref = reference.generate(bank, ["r0", "r1", "t0"], round=2)
+    reference.adapter.load_state_dict(grouped.adapter.state_dict())
+    gen = torch.Generator().manual_seed(1)
+
+    def rand_pieces(m, n):
+        return (torch.randn(m, 4, generator=gen), torch.randn(4, n, generator=gen))
+
+    p, q, v = rand_pieces(10, 32), rand_pieces(10, 32), rand_pieces(16, 16)
+    stats = grouped.update(gen_grouped, {"r0": {"fc": p}, "r1": {"fc": q}, "t0": {"value": v}})
+    assert stats["pieces"] == 3
+    summed = (p[0] + q[0], p[1] + q[1])
+    zeros = (torch.zeros(10, 4), torch.zeros(4, 32))
+    reference.update(gen_ref, {"r0": {"fc": summed}, "r1": {"fc": zeros}, "t0": {"value": v}})
+    for (name, x), y in zip(
+        grouped.adapter.state_dict().items(), reference.adapter.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(x, y, atol=1e-6), name
+    before = {k: t.clone() for k, t in reference.adapter.state_dict().items()}
+    assert reference.update(gen_ref, {"r1": {"fc": q}})["pieces"] == 1  # one member replied
+    assert any(not torch.equal(before[k], t) for k, t in reference.adapter.state_dict().items())
+
+
 def steps_towards(hn, bank, goals, steps):
     """Run ``steps`` rounds where each client 'trains' its layer to ``goals[cid]``."""
     errors = []

@@ -1,11 +1,13 @@
 """The study report is computed from run folders; here from hand-made ones with known numbers."""
 
 import json
+import os
 import re
 
+import pytest
 from omegaconf import OmegaConf
 
-from simulations.report import collect, write_report
+from simulations.report import collect, study_seconds, write_report
 
 
 def fake_run(root, name, strategy, seed, scores, share="unselected", variant="lpka", qa=None):
@@ -138,3 +140,13 @@ def test_report_shows_f1_and_em_for_qa(tmp_path):
     text = dest.read_text()
     assert "| qa (f1 / em) | r8 (accuracy) |" in text
     assert "| LocalOnly | 2 | 45.0 ± 7.1 / 30.0 ± 7.1 | 20.0 ± 0.0 | 32.5 |" in text
+
+
+def test_study_time_sums_each_sweeps_span(tmp_path):
+    study = tmp_path / "study"
+    ends = {"sweep1/a": 1000.0, "sweep1/b": 1100.0, "sweep2/c": 5000.0}
+    for i, (name, end) in enumerate(ends.items()):
+        fake_run(study, name, "local", i, [0.1, 0.2])
+        os.utime(study / name / "run.json", (end, end))
+    # sweep1: from 1000 - 12 to 1100; sweep2: one run of 12 s; the gap between them is left out
+    assert study_seconds(collect(study)) == pytest.approx(112 + 12)

@@ -90,8 +90,12 @@ def test_same_seed_same_metrics(tmp_path):
     set_task_identity()
     cfg = compose("federation=tiny num_rounds=2")
     runs = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
+    for name in ("a", "b", "b"):  # the second run in "b" replaces the first one's results
+        (tmp_path / name).mkdir(exist_ok=True)
         grid = FakeGrid(app_nodes(make_client_app(lambda context: cfg), cfg.num_clients))
         runs.append(final_metrics(run_server(grid, cfg, tmp_path / name)))
-    assert runs[0] == runs[1] and len(runs[0]) == 12
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 12
+    lines = [
+        (d / "metrics.jsonl").read_text().count("\n") for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert lines[0] == lines[1]

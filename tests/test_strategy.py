@@ -155,6 +155,26 @@ def test_group_aggregation_of_unselected_parameters():
     assert all(p.GROUP_ARRAYS in m.content.array_records for m in msgs)
 
 
+def test_group_targets_send_a_group_one_merged_factor_set():
+    grid = federation()
+    hypernet = HypernetConfig(
+        adapter=AdapterConfig(rank=RANK, dim=8, heads=2, layers=1), group_targets=True
+    )
+    strat = MergeNet(hypernet=hypernet, share="unselected")
+    records = []
+    strat.on_round = records.append
+    run(strat, grid, 2)
+    msgs = {strat.identities[m.metadata.dst_node_id].client_id: m for m in train_messages(grid, 2)}
+    merged = {cid: p.from_record(m.content.array_records[p.MERGED]) for cid, m in msgs.items()}
+    for a, b in (("m0", "m1"), ("c0", "c1")):
+        assert merged[a].keys() == merged[b].keys()
+        assert all(np.array_equal(merged[a][k], merged[b][k]) for k in merged[a])
+    assert not np.array_equal(merged["m0"]["3/A"], strat.bank.get("m0").packet.layers["3"].a)
+    # every member's pieces went into the adapter step, two rows' worth
+    train = [r for r in records if r["stage"] == "train"]
+    assert train[1]["server"]["pieces"] == 4.0 and train[1]["server"]["grad_norm"] > 0
+
+
 def test_baselines():
     grid, local = federation(), LocalOnly()
     records = []
@@ -188,6 +208,11 @@ def test_strategy_state_round_trip():
     s1, s2 = strat.hypernet.adapter.state_dict(), again.hypernet.adapter.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert again.group_arrays.keys() == strat.group_arrays.keys()
+
+
+def test_default_hypernet_has_group_targets_when_groups_share():
+    assert MergeNet(share="unselected").hypernet.cfg.group_targets
+    assert not MergeNet(share="none").hypernet.cfg.group_targets
 
 
 def test_bad_constructor_arguments():
