@@ -87,7 +87,9 @@ def main() -> None:
                 shutil.rmtree(out / name)
             subprocess.run(cmd, check=True)
         log.info("study %r done in %.0f s", args.study, time.perf_counter() - start)
-    write_report(out, report, title=f"Results: study `{args.study}`", command=" ".join(sys.argv))
+    # the command that runs the whole study, however this report was produced
+    command = f"python -m simulations.study {args.study}"
+    write_report(out, report, title=f"Results: study `{args.study}`", command=command)
     log.info("report written to %s", report)
 
 
