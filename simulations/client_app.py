@@ -69,7 +69,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, work = workload(context)
-        metrics = work.task.evaluate(work.model, work.test_set, batch_size=cfg.batch_size * 2)
+        metrics = work.task.evaluate(work.model, work.eval_set, batch_size=cfg.batch_size * 2)
         metrics = {p.NUM_EXAMPLES: metrics.pop("num_examples"), **metrics}
         return mc.evaluate_reply(msg, work.identity, metrics)
 

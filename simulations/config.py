@@ -24,6 +24,7 @@ from strategies.protocol import SHARE_MODES
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = ("mergenet", "local", "groupfedavg")
 PARTITIONS = ("iid", "dirichlet")
+EVAL_SPLITS = ("test", "validation")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class ExperimentConfig:
     test_examples: int
     partition: str
     alpha: float
+    eval_split: str = "test"
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -89,6 +91,10 @@ class ExperimentConfig:
         spec = expanded[partition_id]
         same_data = [i for i, c in enumerate(expanded) if c.dataset == spec.dataset]
         return spec, same_data.index(partition_id), len(same_data)
+
+    def peers(self, dataset: str) -> list[ClientGroup]:
+        """The group of every client that trains on ``dataset``, in partition order."""
+        return [c for c in self.clients for _ in range(c.count) if c.dataset == dataset]
 
     def hypernet(self) -> HypernetConfig:
         s = self.strategy
@@ -163,6 +169,10 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     need(
         isinstance(raw.get("client_cpus"), (int, float)) and raw["client_cpus"] > 0,
         "client_cpus must be > 0",
+    )
+    need(
+        raw.get("eval_split", "test") in EVAL_SPLITS,
+        f"eval_split must be one of {EVAL_SPLITS}, got {raw.get('eval_split')!r}",
     )
     strategy = dict(raw.get("strategy") or {})
     need(
@@ -250,6 +260,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         test_examples=int(fed.get("test_examples", 256)),
         partition=fed["partition"],
         alpha=float(fed["alpha"]),
+        eval_split=str(raw.get("eval_split", "test")),
         raw=raw,
     )
 

@@ -56,7 +56,7 @@ __all__ = [
     "load_cifar10",
     "load_squad2",
     "load_text_classification",
-    "partition_indices",
+    "partitions",
     "synthetic_images",
     "synthetic_qa_examples",
     "synthetic_texts",
@@ -576,17 +576,16 @@ def build_tokenizer(data_dir: str | os.PathLike[str] | None = None) -> BertToken
 # --------------------------------------------------------------------------------------
 
 
-def partition_indices(
+def partitions(
     labels: Sequence[int] | np.ndarray,
     num_partitions: int,
-    partition_id: int,
     scheme: Literal["iid", "dirichlet"] = "iid",
     alpha: float = 0.5,
     seed: int = 0,
-    max_examples: int | None = None,
+    max_examples: int | Sequence[int | None] | None = None,
     min_partition_size: int = 0,
-) -> np.ndarray:
-    """Row indices of one federated partition, computed with flwr-datasets.
+) -> list[np.ndarray]:
+    """Row indices of every federated partition, computed with flwr-datasets.
 
     ``iid``: the rows are shuffled with ``seed`` (``datasets.Dataset.shuffle``) and cut
     into ``num_partitions`` contiguous shards by ``IidPartitioner`` (which does not shuffle
@@ -597,8 +596,8 @@ def partition_indices(
     empty for small ``alpha`` or small data; with a positive value flwr-datasets 0.6.1
     resamples up to 10 times and then raises ``ValueError``.
 
-    The whole partitioning is recomputed on every call (no global cache); partitions for
-    the same arguments and different ``partition_id`` are disjoint and cover all rows.
+    The partitions are disjoint and, without ``max_examples``, cover all rows. The whole
+    partitioning is recomputed on every call (no global cache).
 
     Parameters
     ----------
@@ -606,24 +605,24 @@ def partition_indices(
         Shape ``[N]``, one label per row.
     num_partitions : int
         Number of partitions, ``1 <= num_partitions <= N``.
-    partition_id : int
-        Which partition, in ``[0, num_partitions)``.
     scheme : {"iid", "dirichlet"}
         Partitioning scheme.
     alpha : float
         Dirichlet concentration (> 0); ignored for ``iid``.
     seed : int
-        Seed of the partitioning and of the ``max_examples`` subsample.
-    max_examples : int, optional
-        Keep at most this many rows of the partition (uniform subsample without
-        replacement, seeded with ``seed`` and ``partition_id``).
+        Seed of the partitioning and of the ``max_examples`` subsamples.
+    max_examples : int or sequence of (int or None), optional
+        Keep at most this many rows of each partition (one value for all, or one per
+        partition): a uniform subsample without replacement, seeded with ``seed`` and the
+        partition's index.
     min_partition_size : int
         Passed to ``DirichletPartitioner``; see above.
 
     Returns
     -------
-    np.ndarray
-        int64, shape ``[n_k]``, sorted ascending indices into ``labels``.
+    list of np.ndarray
+        ``num_partitions`` arrays, int64, shape ``[n_k]``, sorted ascending indices into
+        ``labels``.
     """
     from datasets import Dataset as HFDataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -634,9 +633,14 @@ def partition_indices(
     n = len(label_array)
     if not 1 <= num_partitions <= max(n, 1):
         raise ValueError(f"num_partitions must be in [1, {n}], got {num_partitions}")
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
-    if max_examples is not None and max_examples < 0:
+    caps = (
+        list(max_examples)
+        if isinstance(max_examples, Sequence)
+        else [max_examples] * num_partitions
+    )
+    if len(caps) != num_partitions:
+        raise ValueError(f"max_examples has {len(caps)} values for {num_partitions} partitions")
+    if any(cap is not None and cap < 0 for cap in caps):
         raise ValueError(f"max_examples must be >= 0 or None, got {max_examples}")
     if min_partition_size < 0:
         raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
@@ -661,24 +665,26 @@ def partition_indices(
     else:
         raise ValueError(f"scheme must be 'iid' or 'dirichlet', got {scheme!r}")
 
-    with warnings.catch_warnings():
-        # flwr-datasets warns on every Dirichlet resampling; the final outcome matters.
-        warnings.simplefilter("ignore", UserWarning)
-        partition = partitioner.load_partition(partition_id)
-    indices = np.asarray(partition["index"], dtype=np.int64)
-    if max_examples is not None and len(indices) > max_examples:
-        rng = np.random.default_rng((seed, partition_id))
-        indices = rng.choice(indices, size=max_examples, replace=False)
-    indices.sort()
+    result = []
+    for partition_id, cap in enumerate(caps):
+        with warnings.catch_warnings():
+            # flwr-datasets warns on every Dirichlet resampling; the final outcome matters.
+            warnings.simplefilter("ignore", UserWarning)
+            partition = partitioner.load_partition(partition_id)
+        indices = np.asarray(partition["index"], dtype=np.int64)
+        if cap is not None and len(indices) > cap:
+            rng = np.random.default_rng((seed, partition_id))
+            indices = rng.choice(indices, size=cap, replace=False)
+        indices.sort()
+        result.append(indices)
     logger.debug(
-        "partition %d/%d (%s): %d of %d rows",
-        partition_id,
+        "%d partitions (%s) of %d rows: sizes %s",
         num_partitions,
         scheme,
-        len(indices),
         n,
+        [len(p) for p in result],
     )
-    return indices
+    return result
 
 
 # --------------------------------------------------------------------------------------

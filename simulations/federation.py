@@ -39,7 +39,7 @@ class Workload:
     layers: list[SelectedLayer]
     task: Task
     train_set: Dataset
-    test_set: Dataset
+    eval_set: Dataset  # the test split, or validation rows (`eval_split`)
 
 
 def client_identity(
@@ -54,34 +54,35 @@ def build_workload(
     cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
 ) -> Workload:
     """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``)."""
-    spec, index, peers = cfg.client(partition_id)
+    spec, index, _ = cfg.client(partition_id)
     seed = cfg.seed * 1000 + partition_id
-    examples = spec.examples or cfg.examples_per_client
-    train_set, test_set, num_classes = _datasets(cfg, spec.dataset, index, peers, seed, examples)
+    train_set, eval_set, num_classes = _datasets(cfg, spec.dataset, index, seed)
     model = build_model(spec.arch, num_classes, seed=seed)
     layers = select_layers(model, as_spec(spec.layers, spec.exclude))
     identity = client_identity(cfg, partition_id, client_id)
-    return Workload(identity, model, layers, get_task(spec.task), train_set, test_set)
+    return Workload(identity, model, layers, get_task(spec.task), train_set, eval_set)
 
 
 def _datasets(
-    cfg: ExperimentConfig, name: str, index: int, peers: int, seed: int, examples: int
+    cfg: ExperimentConfig, name: str, index: int, seed: int
 ) -> tuple[Dataset, Dataset, int]:
-    """Train partition ``index`` of ``peers``, a test subset, and the number of classes."""
+    """Train partition ``index`` of the dataset's clients, an evaluation subset (of the test
+    split, or ``cfg.eval_split == "validation"``: of the training rows no client trains on),
+    and the number of classes."""
+    validation = cfg.eval_split == "validation"
     if name in IMAGE_DATASETS:
         if name == "cifar10":
             x, y = D.load_cifar10("train", cfg.data_dir)
-            tx, ty = D.load_cifar10("test", cfg.data_dir)
+            tx, ty = (x, y) if validation else D.load_cifar10("test", cfg.data_dir)
             num_classes = 10
         else:
             x, y = D.synthetic_images(2000, 4, seed=cfg.seed)
-            tx, ty = D.synthetic_images(500, 4, seed=cfg.seed + 1)
+            tx, ty = (x, y) if validation else D.synthetic_images(500, 4, seed=cfg.seed + 1)
             num_classes = 4
-        rows = _partition(cfg, y, index, peers, examples)
-        test = _subset(len(ty), cfg.test_examples, seed)
+        train, held_out = _split(cfg, name, y, index, len(ty), seed)
         return (
-            D.ImageDataset(x[rows], y[rows], train=True),
-            D.ImageDataset(tx[test], ty[test], train=False),
+            D.ImageDataset(x[train], y[train], train=True),
+            D.ImageDataset(tx[held_out], ty[held_out], train=False),
             num_classes,
         )
     if name in TEXT_DATASETS:
@@ -92,29 +93,29 @@ def _datasets(
         else:
             texts, labels, num_classes = D.load_text_classification(name, "train", cfg.data_dir)
             test_texts, test_labels, _ = D.load_text_classification(name, "test", cfg.data_dir)
+        if validation:
+            test_texts, test_labels = texts, labels
         tokenizer = D.build_tokenizer(cfg.data_dir)
-        rows = _partition(cfg, np.asarray(labels), index, peers, examples)
-        test = _subset(len(test_labels), cfg.test_examples, seed)
+        train, held_out = _split(cfg, name, np.asarray(labels), index, len(test_labels), seed)
         train_set = D.TextClassificationDataset(
-            [texts[i] for i in rows], [labels[i] for i in rows], tokenizer, TEXT_MAX_LENGTH
+            [texts[i] for i in train], [labels[i] for i in train], tokenizer, TEXT_MAX_LENGTH
         )
-        test_set = D.TextClassificationDataset(
-            [test_texts[i] for i in test],
-            [test_labels[i] for i in test],
+        eval_set = D.TextClassificationDataset(
+            [test_texts[i] for i in held_out],
+            [test_labels[i] for i in held_out],
             tokenizer,
             TEXT_MAX_LENGTH,
         )
-        return train_set, test_set, num_classes
+        return train_set, eval_set, num_classes
     if name in QA_DATASETS:
-        train = D.load_squad2("train", cfg.data_dir, seed=cfg.seed)
-        test = D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
+        examples = D.load_squad2("train", cfg.data_dir, seed=cfg.seed)
+        test = examples if validation else D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
         tokenizer = D.build_tokenizer(cfg.data_dir)
-        answerable = np.array([0 if ex.is_impossible else 1 for ex in train])
-        rows = _partition(cfg, answerable, index, peers, examples)
-        keep = _subset(len(test), cfg.test_examples, seed)
+        answerable = np.array([0 if ex.is_impossible else 1 for ex in examples])
+        train, held_out = _split(cfg, name, answerable, index, len(test), seed)
         return (
-            D.QADataset([train[i] for i in rows], tokenizer, QA_MAX_LENGTH),
-            D.QADataset([test[i] for i in keep], tokenizer, QA_MAX_LENGTH),
+            D.QADataset([examples[i] for i in train], tokenizer, QA_MAX_LENGTH),
+            D.QADataset([test[i] for i in held_out], tokenizer, QA_MAX_LENGTH),
             2,
         )
     raise ValueError(
@@ -122,18 +123,29 @@ def _datasets(
     )
 
 
-def _partition(
-    cfg: ExperimentConfig, labels: np.ndarray, index: int, peers: int, examples: int
-) -> np.ndarray:
-    return D.partition_indices(
+def _split(
+    cfg: ExperimentConfig, dataset: str, labels: np.ndarray, index: int, n_eval: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of client ``index``'s training partition, and its evaluation rows.
+
+    The dataset's training rows are split among the clients that use it (flwr-datasets,
+    each client capped at its example count). Evaluation rows are ``cfg.test_examples`` of
+    the ``n_eval`` test rows, or for validation of the training rows that no client holds,
+    so that settings can be chosen without looking at the test split.
+    """
+    caps = [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)]
+    parts = D.partitions(
         labels,
-        num_partitions=peers,
-        partition_id=index,
+        num_partitions=len(caps),
         scheme=cfg.partition,
         alpha=cfg.alpha,
         seed=cfg.seed,
-        max_examples=examples,
+        max_examples=caps,
     )
+    if cfg.eval_split == "validation":
+        unused = np.setdiff1d(np.arange(len(labels)), np.concatenate(parts))
+        return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)]
+    return parts[index], _subset(n_eval, cfg.test_examples, seed)
 
 
 def _subset(n: int, k: int, seed: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
+from simulations.config import CONF_DIR
 from simulations.models import build_model
 from simulations.results import SCORE_KEYS, bytes_per_round, group_curves, read_lines
 
@@ -36,6 +37,7 @@ class Run:
     federation: str
     method: str
     seed: int
+    eval_split: str  # "test" or "validation"
     final: dict[str, dict[str, float]]  # group -> metric -> final evaluation value
     curves: dict[str, dict[int, float]]  # group -> round -> main score
     tasks: dict[str, str]  # group -> task
@@ -47,6 +49,8 @@ class Run:
 
 
 def method_label(cfg: dict) -> str:
+    """The method of a run: strategy, adapter variant, and the settings that differ from
+    ``conf/``'s defaults."""
     strategy = cfg["strategy"]["name"]
     if strategy == "local":
         return LOCAL
@@ -57,6 +61,9 @@ def method_label(cfg: dict) -> str:
         label += f", every {cfg['transfer_every']} rounds"
     if cfg["strategy"].get("share", "none") == "none":
         label += ", transfer only"
+    default_lr = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml").lr
+    if cfg["strategy"].get("lr", default_lr) != default_lr:
+        label += f", lr {cfg['strategy']['lr']:g}"
     return label + ")"
 
 
@@ -96,6 +103,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
         federation=federation,
         method=method_label(cfg),
         seed=cfg["seed"],
+        eval_split=cfg.get("eval_split", "test"),
         final=dict(final),
         curves=curves,
         tasks={c["group"]: c["task"] for c in cfg["federation"]["clients"]},
@@ -360,20 +368,29 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
     by_fed: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_fed[run.federation].append(run)
+    splits = {run.eval_split for run in runs}
+    if len(splits) > 1:
+        raise ValueError(f"{study_dir} mixes runs scored on {sorted(splits)}; report them apart")
+    on_test = splits == {"test"}
+    scored_on = (
+        "each client's test examples"
+        if on_test
+        else "each client's validation examples (training rows that no client trains on)"
+    )
     lines = [
         f"# {title}",
         "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} from {len(runs)} runs in "
-        f"`{study_dir.name}/`. Scores are the final round's evaluation on each client's test "
-        "examples (accuracy; for QA F1, the main score, and EM), weighted by examples within "
+        f"`{study_dir.name}/`. Scores are the final round's evaluation on {scored_on} "
+        "(accuracy; for QA F1, the main score, and EM), weighted by examples within "
         "a group; ± is the standard deviation over seeds. Nothing was tuned on the test "
-        "split: every setting is the config's default. Bytes per round are all clients' "
-        "messages, down and up, averaged over rounds; 'vs FedAvg full' compares with FedAvg "
-        "sending every client's whole model both ways. Client overhead is MergeNet's "
-        "client-side time (install, packet, gradient "
-        "pieces) over local training time.",
+        "split: settings that differ from the config's defaults are named in the method. "
+        "Bytes per round are all clients' messages, down and up, averaged over rounds; "
+        "'vs FedAvg full' compares with FedAvg sending every client's whole model both ways. "
+        "Client overhead is MergeNet's client-side time (install, packet, gradient pieces) "
+        "over local training time.",
         "",
-        *targets_section(runs),
+        *(targets_section(runs) if on_test else []),
         "## Per federation",
         "",
     ]

@@ -1,6 +1,8 @@
 import pytest
+import torch
 
 from harness import needs_real_data
+from simulations import data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
 from strategies import GroupFedAvg, LocalOnly, MergeNet
@@ -34,7 +36,7 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         compose(
             "num_rounds=0 strategy.share=some adapter.heads=3 federation.alpha=-1 "
-            "strategy.group_targets=sometimes"
+            "strategy.group_targets=sometimes eval_split=train"
         )
     message = str(info.value)
     for part in (
@@ -43,6 +45,7 @@ def test_every_problem_is_reported_at_once():
         "divisible by heads=3",
         "federation.alpha must be > 0",
         "strategy.group_targets must be true, false or null, got 'sometimes'",
+        "eval_split must be one of ('test', 'validation'), got 'train'",
     ):
         assert part in message
 
@@ -67,7 +70,26 @@ def test_workload_of_a_synthetic_client():
     work = build_workload(compose("federation=tiny"), 2)
     assert work.identity.client_id == "client-2" and work.identity.group == "bert-text"
     assert [layer.name for layer in work.layers] == ["bert.encoder.layer.1.attention.self.value"]
-    assert len(work.train_set) == 64 and len(work.test_set) == 64
+    assert len(work.train_set) == 64 and len(work.eval_set) == 64
+
+
+def test_validation_rows_are_training_rows_no_client_holds():
+    test_mode = compose("federation=tiny")
+    val_mode = compose("federation=tiny eval_split=validation")
+    images = data.synthetic_images(2000, 4, seed=0)[0]
+    rows = {image.tobytes(): i for i, image in enumerate(images)}
+    assert len(rows) == len(images)
+
+    def row_ids(dataset) -> set[int]:  # back from the [N, 3, 32, 32] uint8 tensor to rows
+        return {rows[p.tobytes()] for p in dataset.images.permute(0, 2, 3, 1).numpy()}
+
+    held = set()
+    for pid in (0, 1):  # the two clients on synthetic-images
+        work, val_work = build_workload(test_mode, pid), build_workload(val_mode, pid)
+        assert torch.equal(work.train_set.images, val_work.train_set.images)
+        held |= row_ids(val_work.train_set)
+    validation = row_ids(build_workload(val_mode, 0).eval_set)
+    assert len(validation) == 64 and not validation & held
 
 
 @needs_real_data
@@ -82,5 +104,5 @@ def test_cross_task_federation_builds_a_qa_client_on_real_data():
     ]
     out = work.task.train(work.model, work.train_set, epochs=1, batch_size=8, seed=0)
     assert out["num_examples"] == 16
-    scores = work.task.evaluate(work.model, work.test_set, batch_size=8)
+    scores = work.task.evaluate(work.model, work.eval_set, batch_size=8)
     assert {"em", "f1", "loss"} <= set(scores) and 0.0 <= scores["f1"] <= 1.0

@@ -262,14 +262,10 @@ def test_cifar10_torchvision_batch_without_keys(tmp_path: Path):
 # --------------------------------------------------------------------------------------
 
 
-def _all_partitions(labels: np.ndarray, k: int, **kwargs) -> list[np.ndarray]:
-    return [D.partition_indices(labels, k, pid, **kwargs) for pid in range(k)]
-
-
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partitions_are_disjoint_and_cover(scheme: str):
     labels = np.random.default_rng(0).integers(0, 10, size=1000)
-    parts = _all_partitions(labels, 7, scheme=scheme, alpha=0.3, seed=3)
+    parts = D.partitions(labels, 7, scheme=scheme, alpha=0.3, seed=3)
     merged = np.concatenate(parts)
     assert len(merged) == len(labels)
     np.testing.assert_array_equal(np.sort(merged), np.arange(len(labels)))
@@ -287,13 +283,13 @@ def test_partitions_are_disjoint_and_cover(scheme: str):
 )
 def test_partitions_cover_property(n: int, k: int, num_classes: int, seed: int, scheme: str):
     labels = np.random.default_rng(seed).integers(0, num_classes, size=n)
-    parts = _all_partitions(labels, k, scheme=scheme, alpha=0.5, seed=seed)
+    parts = D.partitions(labels, k, scheme=scheme, alpha=0.5, seed=seed)
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(n))
 
 
 def test_iid_partitions_are_balanced_and_shuffled():
     labels = np.repeat(np.arange(4), 100)  # sorted by label
-    parts = _all_partitions(labels, 4, scheme="iid", seed=0)
+    parts = D.partitions(labels, 4, scheme="iid", seed=0)
     assert [len(p) for p in parts] == [100, 100, 100, 100]
     for p in parts:  # contiguous shards of sorted labels would hold one class each
         assert len(np.unique(labels[p])) == 4
@@ -301,7 +297,7 @@ def test_iid_partitions_are_balanced_and_shuffled():
 
 def test_dirichlet_small_alpha_is_label_skewed():
     labels = np.repeat(np.arange(10), 200)
-    parts = _all_partitions(labels, 5, scheme="dirichlet", alpha=0.05, seed=1)
+    parts = D.partitions(labels, 5, scheme="dirichlet", alpha=0.05, seed=1)
     top_share = [np.bincount(labels[p]).max() / len(p) for p in parts if len(p)]
     assert np.mean(top_share) > 0.4  # an IID split would give about 0.1
 
@@ -309,41 +305,47 @@ def test_dirichlet_small_alpha_is_label_skewed():
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_partition_is_deterministic_for_a_seed(scheme: str):
     labels = np.random.default_rng(1).integers(0, 5, size=400)
-    first = D.partition_indices(labels, 4, 2, scheme=scheme, alpha=0.5, seed=11)
-    again = D.partition_indices(labels, 4, 2, scheme=scheme, alpha=0.5, seed=11)
-    other = D.partition_indices(labels, 4, 2, scheme=scheme, alpha=0.5, seed=12)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
+    first = D.partitions(labels, 4, scheme=scheme, alpha=0.5, seed=11)
+    again = D.partitions(labels, 4, scheme=scheme, alpha=0.5, seed=11)
+    other = D.partitions(labels, 4, scheme=scheme, alpha=0.5, seed=12)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[2], other[2])
 
 
 def test_partition_max_examples_is_a_deterministic_subset():
     labels = np.random.default_rng(2).integers(0, 3, size=300)
-    full = D.partition_indices(labels, 2, 0, seed=5)
-    capped = D.partition_indices(labels, 2, 0, seed=5, max_examples=20)
-    assert len(capped) == 20 and set(capped) <= set(full)
-    np.testing.assert_array_equal(
-        capped, D.partition_indices(labels, 2, 0, seed=5, max_examples=20)
-    )
-    np.testing.assert_array_equal(
-        D.partition_indices(labels, 2, 0, seed=5, max_examples=10_000), full
-    )
+    full = D.partitions(labels, 2, seed=5)
+    capped = D.partitions(labels, 2, seed=5, max_examples=20)
+    assert [len(p) for p in capped] == [20, 20]
+    assert all(set(c) <= set(f) for c, f in zip(capped, full, strict=True))
+    np.testing.assert_array_equal(capped[0], D.partitions(labels, 2, seed=5, max_examples=20)[0])
+    np.testing.assert_array_equal(D.partitions(labels, 2, seed=5, max_examples=10_000)[1], full[1])
+
+
+def test_partition_max_examples_per_partition():
+    labels = np.random.default_rng(2).integers(0, 3, size=300)
+    capped = D.partitions(labels, 3, seed=5, max_examples=[10, None, 30])
+    assert [len(p) for p in capped] == [10, 100, 30]
+    # a partition's subsample depends on its own cap only
+    np.testing.assert_array_equal(capped[0], D.partitions(labels, 3, seed=5, max_examples=10)[0])
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
         ({"num_partitions": 0}, "num_partitions"),
-        ({"partition_id": 3}, "partition_id"),
+        ({"max_examples": [5, 5]}, "max_examples has 2 values for 3 partitions"),
         ({"scheme": "shards"}, "scheme"),
         ({"scheme": "dirichlet", "alpha": 0.0}, "alpha"),
         ({"max_examples": -1}, "max_examples"),
     ],
 )
 def test_partition_rejects_bad_arguments(kwargs: dict, field: str):
-    args = {"labels": np.zeros(10, dtype=np.int64), "num_partitions": 3, "partition_id": 0}
+    args = {"labels": np.zeros(10, dtype=np.int64), "num_partitions": 3}
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
-        D.partition_indices(**args)
+        D.partitions(**args)
 
 
 # --------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ from omegaconf import OmegaConf
 from simulations.report import collect, study_seconds, write_report
 
 
-def fake_run(root, name, strategy, seed, scores, share="unselected", variant="lpka", qa=None):
+def fake_run(
+    root, name, strategy, seed, scores, share="unselected", variant="lpka", qa=None, **top
+):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
-    (f1, em)) with the given accuracy per round."""
+    (f1, em)) with the given accuracy per round; ``top`` sets top-level config keys, and
+    ``lr`` the strategy's."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -30,9 +33,10 @@ def fake_run(root, name, strategy, seed, scores, share="unselected", variant="lp
     cfg = {
         "seed": seed,
         "transfer_every": 1,
-        "strategy": {"name": strategy, "share": share},
+        "strategy": {"name": strategy, "share": share, "lr": top.pop("lr", 0.001)},
         "adapter": {"variant": variant},
         "federation": {"clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:]},
+        **top,
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
     lines = []
@@ -150,3 +154,23 @@ def test_study_time_sums_each_sweeps_span(tmp_path):
         os.utime(study / name / "run.json", (end, end))
     # sweep1: from 1000 - 12 to 1100; sweep2: one run of 12 s; the gap between them is left out
     assert study_seconds(collect(study)) == pytest.approx(112 + 12)
+
+
+def test_validation_report_names_its_split_and_non_default_settings(tmp_path):
+    study = tmp_path / "study"
+    for seed in (0, 1):
+        fake_run(study, f"l{seed}", "local", seed, [0.1, 0.2], eval_split="validation")
+        for lr in (0.001, 0.1):
+            fake_run(
+                study, f"m{lr}-{seed}", "mergenet", seed, [0.1, 0.2], lr=lr, eval_split="validation"
+            )
+    dest = tmp_path / "results.md"
+    write_report(study, dest, title="T", command="cmd")
+    text = dest.read_text()
+    assert "validation examples (training rows that no client trains on)" in text
+    assert "| MergeNet (lpka) | 2 |" in text and "| MergeNet (lpka, lr 0.1) | 2 |" in text
+    assert "## Targets" not in text  # the targets are about test scores
+
+    fake_run(study, "on-test", "local", 5, [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"mixes runs scored on \['test', 'validation'\]"):
+        write_report(study, dest, title="T", command="cmd")
