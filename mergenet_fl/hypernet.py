@@ -48,7 +48,7 @@ class HypernetConfig:
 
     adapter: AdapterConfig = AdapterConfig()
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 1e-4
     max_grad_norm: float | None = 1.0
     summarize_groups: bool = True
     self_transfer: bool = False

@@ -104,7 +104,7 @@ class ExperimentConfig:
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
             optimizer=s.get("optimizer", "adam"),
-            lr=s.get("lr", 1e-3),
+            lr=s.get("lr", 1e-4),
             max_grad_norm=s.get("max_grad_norm", 1.0),
             summarize_groups=s.get("summarize_groups", True),
             self_transfer=s.get("self_transfer", False),

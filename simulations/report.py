@@ -61,9 +61,17 @@ def method_label(cfg: dict) -> str:
         label += f", every {cfg['transfer_every']} rounds"
     if cfg["strategy"].get("share", "none") == "none":
         label += ", transfer only"
-    default_lr = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml").lr
-    if cfg["strategy"].get("lr", default_lr) != default_lr:
-        label += f", lr {cfg['strategy']['lr']:g}"
+    strategy_defaults = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml")
+    defaults = {
+        "rank": OmegaConf.load(CONF_DIR / "config.yaml").rank,
+        "optimizer": strategy_defaults.optimizer,
+        "lr": strategy_defaults.lr,
+    }
+    values = {"rank": cfg["rank"], **{k: cfg["strategy"][k] for k in ("optimizer", "lr")}}
+    for key, default in defaults.items():
+        if values[key] != default:
+            value = values[key]
+            label += f", {key} {value:g}" if isinstance(value, float) else f", {key} {value}"
     return label + ")"
 
 

@@ -15,7 +15,7 @@ def fake_run(
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
     (f1, em)) with the given accuracy per round; ``top`` sets top-level config keys, and
-    ``lr`` the strategy's."""
+    ``lr`` and ``optimizer`` the strategy's."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -33,7 +33,13 @@ def fake_run(
     cfg = {
         "seed": seed,
         "transfer_every": 1,
-        "strategy": {"name": strategy, "share": share, "lr": top.pop("lr", 0.001)},
+        "rank": top.pop("rank", 8),
+        "strategy": {
+            "name": strategy,
+            "share": share,
+            "lr": top.pop("lr", 0.0001),
+            "optimizer": top.pop("optimizer", "adam"),
+        },
         "adapter": {"variant": variant},
         "federation": {"clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:]},
         **top,
@@ -160,13 +166,26 @@ def test_validation_report_names_its_split_and_non_default_settings(tmp_path):
     study = tmp_path / "study"
     for seed in (0, 1):
         fake_run(study, f"l{seed}", "local", seed, [0.1, 0.2], eval_split="validation")
-        for lr in (0.001, 0.1):
+        for lr in (0.0001, 0.1):
             fake_run(
                 study, f"m{lr}-{seed}", "mergenet", seed, [0.1, 0.2], lr=lr, eval_split="validation"
             )
+        fake_run(study, f"r{seed}", "mergenet", seed, [0.1, 0.2], rank=10, eval_split="validation")
+        fake_run(
+            study,
+            f"s{seed}",
+            "mergenet",
+            seed,
+            [0.1],
+            optimizer="sgd",
+            lr=1.0,
+            eval_split="validation",
+        )
     dest = tmp_path / "results.md"
     write_report(study, dest, title="T", command="cmd")
     text = dest.read_text()
+    assert "| MergeNet (lpka, rank 10) | 2 |" in text
+    assert "| MergeNet (lpka, optimizer sgd, lr 1) | 2 |" in text
     assert "validation examples (training rows that no client trains on)" in text
     assert "| MergeNet (lpka) | 2 |" in text and "| MergeNet (lpka, lr 0.1) | 2 |" in text
     assert "## Targets" not in text  # the targets are about test scores
