@@ -79,9 +79,9 @@ class ExperimentConfig:
     def num_clients(self) -> int:
         return sum(c.count for c in self.clients)
 
-    def client(self, partition_id: int) -> tuple[ClientGroup, int, int]:
-        """The client group of ``partition_id``, and its index among the clients of its dataset
-        and their number (for splitting the dataset)."""
+    def client(self, partition_id: int) -> tuple[ClientGroup, int]:
+        """The client group of ``partition_id``, and its index among :meth:`peers` of its
+        dataset (its partition of that dataset)."""
         if not 0 <= partition_id < self.num_clients:
             raise ConfigError(
                 f"partition-id {partition_id} is outside the federation's {self.num_clients} "
@@ -89,8 +89,7 @@ class ExperimentConfig:
             )
         expanded = [c for c in self.clients for _ in range(c.count)]
         spec = expanded[partition_id]
-        same_data = [i for i, c in enumerate(expanded) if c.dataset == spec.dataset]
-        return spec, same_data.index(partition_id), len(same_data)
+        return spec, sum(c.dataset == spec.dataset for c in expanded[:partition_id])
 
     def peers(self, dataset: str) -> list[ClientGroup]:
         """The group of every client that trains on ``dataset``, in partition order."""
@@ -103,11 +102,11 @@ class ExperimentConfig:
             group_targets = s.get("share", "unselected") != "none"
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
-            optimizer=s.get("optimizer", "adam"),
-            lr=s.get("lr", 1e-4),
-            max_grad_norm=s.get("max_grad_norm", 1.0),
-            summarize_groups=s.get("summarize_groups", True),
-            self_transfer=s.get("self_transfer", False),
+            optimizer=s.get("optimizer", HypernetConfig.optimizer),
+            lr=s.get("lr", HypernetConfig.lr),
+            max_grad_norm=s.get("max_grad_norm", HypernetConfig.max_grad_norm),
+            summarize_groups=s.get("summarize_groups", HypernetConfig.summarize_groups),
+            self_transfer=s.get("self_transfer", HypernetConfig.self_transfer),
             group_targets=group_targets,
         )
 

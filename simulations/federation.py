@@ -46,7 +46,7 @@ def client_identity(
     cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
 ) -> ClientIdentity:
     """Who ``partition_id`` is (``client_id`` defaults to ``client-<id>``), without its data."""
-    spec, _, _ = cfg.client(partition_id)
+    spec, _ = cfg.client(partition_id)
     return ClientIdentity(client_id or f"client-{partition_id}", spec.group, spec.send_only)
 
 
@@ -54,7 +54,7 @@ def build_workload(
     cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
 ) -> Workload:
     """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``)."""
-    spec, index, _ = cfg.client(partition_id)
+    spec, index = cfg.client(partition_id)
     seed = cfg.seed * 1000 + partition_id
     train_set, eval_set, num_classes = _datasets(cfg, spec.dataset, index, seed)
     model = build_model(spec.arch, num_classes, seed=seed)

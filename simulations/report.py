@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -48,9 +49,16 @@ class Run:
     path: Path = field(repr=False, default=Path())
 
 
-def method_label(cfg: dict) -> str:
+def conf_defaults() -> dict[str, Any]:
+    """``conf/``'s defaults of the MergeNet settings a method label names when they differ."""
+    strategy = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml")
+    rank = OmegaConf.load(CONF_DIR / "config.yaml").rank
+    return {"rank": rank, "optimizer": strategy.optimizer, "lr": strategy.lr}
+
+
+def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
     """The method of a run: strategy, adapter variant, and the settings that differ from
-    ``conf/``'s defaults."""
+    ``defaults`` (:func:`conf_defaults`)."""
     strategy = cfg["strategy"]["name"]
     if strategy == "local":
         return LOCAL
@@ -61,16 +69,9 @@ def method_label(cfg: dict) -> str:
         label += f", every {cfg['transfer_every']} rounds"
     if cfg["strategy"].get("share", "none") == "none":
         label += ", transfer only"
-    strategy_defaults = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml")
-    defaults = {
-        "rank": OmegaConf.load(CONF_DIR / "config.yaml").rank,
-        "optimizer": strategy_defaults.optimizer,
-        "lr": strategy_defaults.lr,
-    }
-    values = {"rank": cfg["rank"], **{k: cfg["strategy"][k] for k in ("optimizer", "lr")}}
-    for key, default in defaults.items():
-        if values[key] != default:
-            value = values[key]
+    s = cfg["strategy"]
+    for key, value in {"rank": cfg["rank"], "optimizer": s["optimizer"], "lr": s["lr"]}.items():
+        if value != defaults[key]:
             label += f", {key} {value:g}" if isinstance(value, float) else f", {key} {value}"
     return label + ")"
 
@@ -85,7 +86,7 @@ def fedavg_bytes(cfg: dict) -> float:
     return float(total)
 
 
-def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
+def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any]) -> Run | None:
     if not (path / "run.json").exists():
         return None  # unfinished
     cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
@@ -109,7 +110,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
         )
     return Run(
         federation=federation,
-        method=method_label(cfg),
+        method=method_label(cfg, defaults),
         seed=cfg["seed"],
         eval_split=cfg.get("eval_split", "test"),
         final=dict(final),
@@ -125,7 +126,8 @@ def load_run(path: Path, fedavg_cache: dict[str, float]) -> Run | None:
 
 def collect(study_dir: Path) -> list[Run]:
     cache: dict[str, float] = {}
-    runs = [load_run(p.parent, cache) for p in sorted(study_dir.rglob("config.yaml"))]
+    defaults = conf_defaults()
+    runs = [load_run(p.parent, cache, defaults) for p in sorted(study_dir.rglob("config.yaml"))]
     return [r for r in runs if r is not None]
 
 

@@ -60,8 +60,9 @@ def test_strategies_by_name():
 
 def test_partition_ids_map_to_client_groups():
     cfg = compose("federation=tiny")
-    spec, index, peers = cfg.client(1)
-    assert spec.arch == "mobilenet_v2_small" and (index, peers) == (1, 2)
+    spec, index = cfg.client(1)
+    assert spec.arch == "mobilenet_v2_small" and index == 1
+    assert [c.arch for c in cfg.peers(spec.dataset)] == ["resnet8", "mobilenet_v2_small"]
     with pytest.raises(ConfigError, match="partition-id 3 is outside the federation's 3 clients"):
         cfg.client(3)
 

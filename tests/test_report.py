@@ -88,6 +88,12 @@ def fake_run(
     (run / "run.json").write_text(json.dumps({"seconds": 12.0}))
 
 
+def report_text(study, dest) -> str:
+    """Write the report of ``study`` to ``dest`` and return its text."""
+    write_report(study, dest, title="T", command="cmd")
+    return dest.read_text()
+
+
 def test_report_means_gains_bytes_and_overhead(tmp_path):
     study = tmp_path / "study"
     for seed, (local, merged) in enumerate([(0.20, 0.30), (0.22, 0.26)]):
@@ -105,9 +111,7 @@ def test_report_means_gains_bytes_and_overhead(tmp_path):
     merge = next(r for r in runs if r.method == "MergeNet (lpka)")
     assert merge.bytes_per_round == 800 and abs(merge.overhead - 0.02) < 1e-9
 
-    dest = tmp_path / "docs" / "results.md"
-    write_report(study, dest, title="T", command="cmd")
-    text = dest.read_text()
+    text = report_text(study, tmp_path / "docs" / "results.md")
     assert "| LocalOnly | 2 | 21.0 ± 1.4 |" in text
     assert "| MergeNet (lpka) | 2 | 28.0 ± 2.8 |" in text
     assert "- MergeNet (lpka): r8 +7.0 ± 2.8" in text
@@ -129,9 +133,7 @@ def test_report_checks_the_targets(tmp_path):
         for seed, final in enumerate(scores):
             name = f"{strategy}-{variant}-{seed}"
             fake_run(study, name, strategy, seed, [0.1, final], variant=variant)
-    dest = tmp_path / "results.md"
-    write_report(study, dest, title="T", command="cmd")
-    text = dest.read_text()
+    text = report_text(study, tmp_path / "results.md")
     assert "| MergeNet (lpka) ≥ LocalOnly + 2 points, image groups | +7.0 points | yes |" in text
     assert "| MergeNet (lpka) ≥ GroupFedAvg + 1 point, image groups | +4.0 points | yes |" in text
     assert "| none worse | yes |" in text
@@ -145,9 +147,7 @@ def test_report_shows_f1_and_em_for_qa(tmp_path):
     study = tmp_path / "study"
     fake_run(study, "a", "local", 0, [0.1, 0.2], qa={1: (0.1, 0.0), 2: (0.40, 0.25)})
     fake_run(study, "b", "local", 1, [0.1, 0.2], qa={1: (0.1, 0.0), 2: (0.50, 0.35)})
-    dest = tmp_path / "results.md"
-    write_report(study, dest, title="T", command="cmd")
-    text = dest.read_text()
+    text = report_text(study, tmp_path / "results.md")
     assert "| qa (f1 / em) | r8 (accuracy) |" in text
     assert "| LocalOnly | 2 | 45.0 ± 7.1 / 30.0 ± 7.1 | 20.0 ± 0.0 | 32.5 |" in text
 
@@ -166,24 +166,12 @@ def test_validation_report_names_its_split_and_non_default_settings(tmp_path):
     study = tmp_path / "study"
     for seed in (0, 1):
         fake_run(study, f"l{seed}", "local", seed, [0.1, 0.2], eval_split="validation")
-        for lr in (0.0001, 0.1):
-            fake_run(
-                study, f"m{lr}-{seed}", "mergenet", seed, [0.1, 0.2], lr=lr, eval_split="validation"
-            )
-        fake_run(study, f"r{seed}", "mergenet", seed, [0.1, 0.2], rank=10, eval_split="validation")
-        fake_run(
-            study,
-            f"s{seed}",
-            "mergenet",
-            seed,
-            [0.1],
-            optimizer="sgd",
-            lr=1.0,
-            eval_split="validation",
-        )
-    dest = tmp_path / "results.md"
-    write_report(study, dest, title="T", command="cmd")
-    text = dest.read_text()
+        settings = {"default": {}, "lr": {"lr": 0.1}, "rank": {"rank": 10}}
+        settings["sgd"] = {"optimizer": "sgd", "lr": 1.0}
+        for name, changed in settings.items():
+            run = f"{name}-{seed}"
+            fake_run(study, run, "mergenet", seed, [0.1, 0.2], eval_split="validation", **changed)
+    text = report_text(study, tmp_path / "results.md")
     assert "| MergeNet (lpka, rank 10) | 2 |" in text
     assert "| MergeNet (lpka, optimizer sgd, lr 1) | 2 |" in text
     assert "validation examples (training rows that no client trains on)" in text
@@ -192,4 +180,4 @@ def test_validation_report_names_its_split_and_non_default_settings(tmp_path):
 
     fake_run(study, "on-test", "local", 5, [0.1, 0.2])
     with pytest.raises(ValueError, match=r"mixes runs scored on \['test', 'validation'\]"):
-        write_report(study, dest, title="T", command="cmd")
+        report_text(study, tmp_path / "results.md")
