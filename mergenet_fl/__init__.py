@@ -8,7 +8,7 @@ from mergenet_fl.adapter import LPKA, VARIANTS, AdapterConfig, SourceTokens
 from mergenet_fl.bank import BankEntry, KnowledgeBank
 from mergenet_fl.client import InstalledLayer, export_packet, gradient_pieces, install_merged
 from mergenet_fl.hypernet import Generation, HypernetConfig, Hypernetwork
-from mergenet_fl.lowrank import factorize, pad_rank, reconstruct
+from mergenet_fl.lowrank import align_signs, factorize, pad_rank, reconstruct
 from mergenet_fl.packet import (
     FactorPair,
     KnowledgePacket,
@@ -44,6 +44,7 @@ __all__ = [
     "SelectedLayer",
     "SelectionError",
     "SourceTokens",
+    "align_signs",
     "as_spec",
     "decode_factors",
     "describe_selection",

@@ -111,12 +111,15 @@ class SourceTokens:
     """The raw key tokens of a set of source layers, per (factor, reading).
 
     ``tokens[(factor, reading)]`` is a list of ``(width, (L_w, width))`` groups, one per token
-    width, so that each group goes through its own width's projection. ``shapes`` lists the
-    ``(m_s, n_s)`` of the source layers (the adapter needs projections for them).
+    width, so that each group goes through its own width's projection; ``owners`` gives, in
+    the same order, the index of the source layer each token came from (``(L_w,)``, int64).
+    ``shapes`` lists the ``(m_s, n_s)`` of the source layers (the adapter needs projections
+    for them).
     """
 
     tokens: dict[tuple[str, str], list[tuple[int, torch.Tensor]]]
     shapes: tuple[tuple[int, int], ...]
+    owners: dict[tuple[str, str], list[torch.Tensor]]
 
     @classmethod
     def build(
@@ -128,19 +131,30 @@ class SourceTokens:
         """From source factors ``[(A_s: (m_s, R), B_s: (R, n_s)), ...]`` (at least one)."""
         if not factors:
             raise ValueError("a target needs at least one source layer")
-        groups: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = {}
-        for a, b in factors:
+        groups: dict[tuple[str, str], dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        for owner, (a, b) in enumerate(factors):
             for factor, x in (("A", a), ("B", b)):
                 for reading in READINGS:
                     t = read(x, reading)
                     if reading == SHARED_READING[factor]:
                         t = compress_tokens(t, max_tokens)
-                    groups.setdefault((factor, reading), {}).setdefault(t.shape[1], []).append(t)
-        tokens = {
-            key: [(w, torch.cat(ts)) for w, ts in sorted(by_width.items())]
-            for key, by_width in groups.items()
-        }
-        return cls(tokens, tuple(dict.fromkeys((a.shape[0], b.shape[1]) for a, b in factors)))
+                    by_width = groups.setdefault((factor, reading), {})
+                    by_width.setdefault(t.shape[1], []).append((owner, t))
+        tokens, owners = {}, {}
+        for key, by_width in groups.items():
+            ordered = sorted(by_width.items())
+            tokens[key] = [(w, torch.cat([t for _, t in ts])) for w, ts in ordered]
+            owners[key] = [
+                torch.cat([torch.full((t.shape[0],), o, dtype=torch.int64) for o, t in ts])
+                for _, ts in ordered
+            ]
+        shapes = tuple(dict.fromkeys((a.shape[0], b.shape[1]) for a, b in factors))
+        return cls(tokens, shapes, owners)
+
+    def to(self, device: torch.device | str) -> SourceTokens:
+        """The same tokens on ``device``."""
+        moved = {k: [(w, t.to(device)) for w, t in group] for k, group in self.tokens.items()}
+        return SourceTokens(moved, self.shapes, self.owners)
 
 
 class WidthLinear(nn.Module):
@@ -189,9 +203,16 @@ class Branch(nn.Module):
         self.k = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.k")
         self.v = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.v")
         self.o = WidthLinear(cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o")
+        self.attention: torch.Tensor | None = None  # (N, L) when :attr:`capture` is on
+        self.capture = False
 
     def forward(self, query: torch.Tensor, keys: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """``query: (N, Lq, w)``, key groups ``[(w_i, (L_i, w_i))]`` -> update ``(N, Lq, w)``."""
+        """``query: (N, Lq, w)``, key groups ``[(w_i, (L_i, w_i))]`` -> update ``(N, Lq, w)``.
+
+        With :attr:`capture` on, :attr:`attention` keeps each target's attention to every key
+        token, averaged over heads and query tokens: ``(N, L)`` (a diagnostic; costs a second
+        attention product).
+        """
         n, lq, w = query.shape
         q = self.q(F.layer_norm(query, (w,)))
         normed = [F.layer_norm(t, (wi,)) for wi, t in keys]
@@ -203,6 +224,9 @@ class Branch(nn.Module):
         k = k.reshape(1, -1, h, d).transpose(1, 2)
         v = v.reshape(1, -1, h, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
+        if self.capture:
+            weights = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)  # (1, h, N·Lq, L)
+            self.attention = weights.mean(dim=1).reshape(n, lq, -1).mean(dim=1)
         out = out.transpose(1, 2).reshape(n, lq, h * d)
         return self.o(out, w)
 
@@ -236,10 +260,15 @@ class TransferLayer(nn.Module):
         )
         self.ffn = nn.ModuleDict({f: FeedForward(cfg.rank, cfg.dim) for f in FACTORS})
         logits = torch.zeros(len(FACTORS), len(cfg.combos))
+        self.capture = False  # branches keep their attention (see LPKA.attention_shares)
         if cfg.variant == "lpka":
             self.mix_logits = nn.Parameter(logits)
         else:
             self.register_buffer("mix_logits", logits)
+
+    def mixture(self) -> torch.Tensor:
+        """``λ: (2, C)``: the softmax weights of the (query, key) readings, per factor."""
+        return torch.softmax(self.mix_logits, dim=1)
 
     def forward(
         self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
@@ -249,7 +278,9 @@ class TransferLayer(nn.Module):
             lam = torch.softmax(self.mix_logits[fi], dim=0)
             update = torch.zeros_like(x)
             for ci, (qr, kr) in enumerate(self.cfg.combos):
-                delta = self.branches[f"{f}_{qr}_{kr}"](read(x, qr), sources.tokens[(f, kr)])
+                branch = self.branches[f"{f}_{qr}_{kr}"]
+                branch.capture = self.capture
+                delta = branch(read(x, qr), sources.tokens[(f, kr)])
                 update = update + lam[ci] * read(delta, qr)
             x = x + update
             shared = SHARED_READING[f]
@@ -361,3 +392,43 @@ class LPKA(nn.Module):
         for ktl in self.body:
             a, b = ktl(a, b, sources)
         return a, b
+
+    def mixtures(self) -> list[list[list[float]]]:
+        """``λ`` of every KTL: ``[ktl][factor A, B][combination]`` (empty for ``mlp``)."""
+        if isinstance(self.body, SourceMLP):
+            return []
+        return [ktl.mixture().tolist() for ktl in self.body]
+
+    @torch.no_grad()
+    def attention_shares(
+        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens, num_sources: int
+    ) -> torch.Tensor | None:
+        """How much attention each source layer receives: ``(N, num_sources)``, rows sum to 1.
+
+        The attention of every branch of every KTL, averaged over heads and query tokens,
+        weighted by the branch's ``λ``, summed over each source's tokens and averaged over the
+        KTLs. None for the ``mlp`` variant, which does not attend.
+        """
+        if isinstance(self.body, SourceMLP):
+            return None
+        branches = [
+            (ktl, fi, ci, ktl.branches[f"{f}_{qr}_{kr}"], (f, kr))
+            for ktl in self.body
+            for fi, f in enumerate(FACTORS)
+            for ci, (qr, kr) in enumerate(self.cfg.combos)
+        ]
+        for ktl in self.body:
+            ktl.capture = True
+        try:
+            self(a, b, sources)
+        finally:
+            for ktl in self.body:
+                ktl.capture = False
+        shares = torch.zeros(a.shape[0], num_sources)
+        for ktl, fi, ci, branch, key in branches:
+            owners = torch.cat(sources.owners[key]).to(branch.attention.device)
+            per_source = torch.zeros(a.shape[0], num_sources, device=owners.device)
+            per_source.index_add_(1, owners, branch.attention.float())
+            shares += ktl.mixture()[fi, ci].item() * per_source.cpu() / len(FACTORS)
+            branch.attention = None
+        return shares / len(self.body)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergenet_fl.lowrank import factorize
+from mergenet_fl.lowrank import align_signs, factorize
 from mergenet_fl.packet import KnowledgePacket, LayerFactors, PacketError
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class KnowledgeBank:
 
     def __init__(self) -> None:
         self._entries: dict[str, BankEntry] = {}
+        self._summaries: dict[str, KnowledgePacket] = {}  # the last summary of each group
 
     def __contains__(self, client_id: str) -> bool:
         return client_id in self._entries
@@ -65,8 +66,11 @@ class KnowledgeBank:
         round: int,
         send_only: bool = False,
     ) -> None:
-        """Store ``packet`` as ``client_id``'s latest (after :meth:`check`)."""
+        """Store ``packet`` as ``client_id``'s latest (after :meth:`check`), its singular pairs
+        signed like that client's previous packet (:func:`~mergenet_fl.lowrank.align_signs`)."""
         self.check(client_id, packet, group)
+        if client_id in self._entries:
+            packet = _aligned(packet, self._entries[client_id].packet)
         self._entries[client_id] = BankEntry(packet, group, round, send_only)
 
     def groups(self) -> dict[str, list[str]]:
@@ -89,7 +93,8 @@ class KnowledgeBank:
         """One packet standing for ``group``: each layer's mean reconstructed weight, re-encoded.
 
         ``mean_i A_i B_i`` is computed as one product of the stacked factors,
-        ``[A_1 … A_N] @ [B_1; …; B_N] / N``, so no member's full matrix is formed.
+        ``[A_1 … A_N] @ [B_1; …; B_N] / N``, so no member's full matrix is formed. Singular
+        pairs are signed like the group's previous summary.
         """
         members = [self._entries[c].packet for c in self.groups()[group]]
         layers = {}
@@ -98,35 +103,53 @@ class KnowledgeBank:
             b = torch.cat([p.layers[name].b for p in members], dim=0)
             fa, fb = factorize(a @ b / len(members), rank)
             layers[name] = LayerFactors(fa, fb, first.weight_shape, first.kind)
-        return KnowledgePacket(layers)
+        summary = KnowledgePacket(layers)
+        if group in self._summaries:
+            summary = _aligned(summary, self._summaries[group])
+        self._summaries[group] = summary
+        return summary
 
     def state_dict(self) -> dict:
         return {
-            cid: {
-                "group": e.group,
-                "round": e.round,
-                "send_only": e.send_only,
-                "layers": {
-                    n: {
-                        "a": lf.a,
-                        "b": lf.b,
-                        "weight_shape": list(lf.weight_shape),
-                        "kind": lf.kind,
-                    }
-                    for n, lf in e.packet.layers.items()
-                },
-            }
-            for cid, e in self._entries.items()
+            "entries": {
+                cid: {"group": e.group, "round": e.round, "send_only": e.send_only}
+                | {"layers": _layers_state(e.packet)}
+                for cid, e in self._entries.items()
+            },
+            "summaries": {g: _layers_state(p) for g, p in self._summaries.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        entries = {}
-        for cid, e in state.items():
-            layers = {
-                n: LayerFactors(lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"])
-                for n, lf in e["layers"].items()
-            }
-            entries[cid] = BankEntry(
-                KnowledgePacket(layers), e["group"], e["round"], e["send_only"]
-            )
-        self._entries = entries
+        self._entries = {
+            cid: BankEntry(_layers_packet(e["layers"]), e["group"], e["round"], e["send_only"])
+            for cid, e in state["entries"].items()
+        }
+        self._summaries = {g: _layers_packet(s) for g, s in state["summaries"].items()}
+
+
+def _aligned(packet: KnowledgePacket, previous: KnowledgePacket) -> KnowledgePacket:
+    """``packet`` with each layer's singular pairs signed like ``previous``'s (same layer)."""
+    layers = {}
+    for name, lf in packet.layers.items():
+        before = previous.layers.get(name)
+        if before is not None and before.a.shape[0] == lf.a.shape[0]:
+            a, b = align_signs(lf.a, lf.b, before.a)
+            lf = LayerFactors(a, b, lf.weight_shape, lf.kind)
+        layers[name] = lf
+    return KnowledgePacket(layers)
+
+
+def _layers_state(packet: KnowledgePacket) -> dict:
+    return {
+        n: {"a": lf.a, "b": lf.b, "weight_shape": list(lf.weight_shape), "kind": lf.kind}
+        for n, lf in packet.layers.items()
+    }
+
+
+def _layers_packet(state: dict) -> KnowledgePacket:
+    return KnowledgePacket(
+        {
+            n: LayerFactors(lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"])
+            for n, lf in state.items()
+        }
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,9 @@ class HypernetConfig:
     factors (what a group that averages its other parameters needs; at initialisation this is
     the group's mean of the transfer layers). Lone members stay targets of their own.
     ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
+    ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
+    ``diagnostics``: measure each target's ``transfer_effect`` and attention shares when
+    generating (one more adapter pass per batch of targets).
     """
 
     adapter: AdapterConfig = AdapterConfig()
@@ -54,12 +57,14 @@ class HypernetConfig:
     self_transfer: bool = False
     group_targets: bool = False
     chunk_size: int = 64
+    device: str = "cpu"
+    diagnostics: bool = True
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"HypernetConfig.optimizer={self.optimizer!r}; choose {OPTIMIZERS}")
-        if not self.lr > 0:
-            raise ValueError(f"HypernetConfig.lr must be > 0, got {self.lr}")
+        if not self.lr >= 0:  # 0: a frozen adapter (the method's untrained edge)
+            raise ValueError(f"HypernetConfig.lr must be >= 0, got {self.lr}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"HypernetConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
@@ -81,6 +86,9 @@ class Job:
     a: torch.Tensor
     b: torch.Tensor
     sources: SourceTokens
+    group: str  # the targets' architecture group
+    source_groups: tuple[str, ...]  # the group of each source layer, in token-owner order
+    source_factors: tuple[FactorPair, ...]  # padded to rank R
 
     @property
     def clients(self) -> tuple[str, ...]:
@@ -93,6 +101,8 @@ class Generation:
 
     round: int
     jobs: tuple[Job, ...]
+    #: client -> layer -> ``transfer_effect`` and ``attention`` (source group -> share)
+    diagnostics: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
         """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
@@ -101,6 +111,16 @@ class Generation:
             _, m, r = job.a.shape
             for cid in job.clients:
                 out.setdefault(cid, {})[job.layer] = (m, r, job.b.shape[2])
+        return out
+
+    def inputs(self) -> dict[str, dict[str, FactorPair]]:
+        """Client -> layer -> the target factors ``(A: (m, R), B: (R, n))`` the adapter was
+        given for it: what the client must subtract when it installs the merged factors."""
+        out: dict[str, dict[str, FactorPair]] = {}
+        for job in self.jobs:
+            for row, members in enumerate(job.members):
+                for cid in members:
+                    out.setdefault(cid, {})[job.layer] = (job.a[row], job.b[row])
         return out
 
     def check_pieces(self, client_id: str, pieces: Mapping[str, FactorPair]) -> None:
@@ -129,7 +149,8 @@ class Hypernetwork:
 
     def __init__(self, cfg: HypernetConfig) -> None:
         self.cfg = cfg
-        self.adapter = LPKA(cfg.adapter)
+        self.device = torch.device(cfg.device)
+        self.adapter = LPKA(cfg.adapter).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
 
     @property
@@ -142,6 +163,7 @@ class Hypernetwork:
             params = self.adapter.register_shapes([shape])
             if not params:
                 continue
+            self.adapter.to(self.device)  # moves the new parameters in place
             if self.optimizer is None:
                 self.optimizer = self._make_optimizer(params)
             else:
@@ -160,8 +182,8 @@ class Hypernetwork:
         groups = bank.groups()
         summaries: dict[str, KnowledgePacket] = {}
         token_cache: dict[object, SourceTokens] = {}
-        # (source set, layer) -> layer, row -> members, row -> target factors, sources
-        batches: dict[object, tuple[str, dict, dict, list]] = {}
+        # (source set, layer) -> layer, row -> members, row -> target factors, sources, groups
+        batches: dict[object, tuple[str, dict, dict, list, list]] = {}
 
         def summary(group: str) -> KnowledgePacket:
             if group not in summaries:
@@ -177,37 +199,45 @@ class Hypernetwork:
             row: tuple[str, str] = ("group", entry.group) if grouped else ("client", cid)
             if self.cfg.summarize_groups:
                 # every group with another member is a source, the target's own included
-                peers = [summary(g) for g, ms in groups.items() if g != entry.group or len(ms) > 1]
+                peers = [
+                    (g, summary(g)) for g, ms in groups.items() if g != entry.group or len(ms) > 1
+                ]
                 source_key: object = entry.group
             else:
                 # every other client; a group target reads all of its members too
-                peers = [bank.get(c).packet for c in bank if c != cid or grouped]
+                peers = [
+                    (bank.get(c).group, bank.get(c).packet) for c in bank if c != cid or grouped
+                ]
                 source_key = row
             for layer, lf in own.layers.items():
-                sources = [f for p in peers for f in p.factors().values()]
+                sources = [f for _, p in peers for f in p.factors().values()]
+                labels = [g for g, p in peers for _ in p.factors()]
                 key = (source_key, layer)
                 if self.cfg.self_transfer:
-                    sources += [f for n, f in own.factors().items() if n != layer]
+                    others = [f for n, f in own.factors().items() if n != layer]
+                    sources += others
+                    labels += [entry.group] * len(others)
                     key = (row, layer)
                 if not sources:
                     continue
                 if key not in batches:
-                    batches[key] = (layer, {}, {}, sources)
+                    batches[key] = (layer, {}, {}, sources, labels)
                 batches[key][1].setdefault(row, []).append(cid)
                 batches[key][2][row] = pad_rank(lf.a, lf.b, self.rank)
 
         jobs = []
-        for key, (layer, members, factors, sources) in batches.items():
+        for key, (layer, members, factors, sources, labels) in batches.items():
             tok_key = key if self.cfg.self_transfer else key[0]
+            padded = tuple(pad_rank(a, b, self.rank) for a, b in sources)
             if tok_key not in token_cache:
-                padded = [pad_rank(a, b, self.rank) for a, b in sources]
                 token_cache[tok_key] = SourceTokens.build(
                     padded, self.rank, self.cfg.adapter.max_source_tokens
                 )
             a = torch.stack([factors[r][0] for r in members])
             b = torch.stack([factors[r][1] for r in members])
             rows = tuple(tuple(ms) for ms in members.values())
-            jobs.append(Job(layer, rows, a, b, token_cache[tok_key]))
+            group = bank.get(rows[0][0]).group
+            jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
 
     @torch.no_grad()
@@ -221,14 +251,54 @@ class Hypernetwork:
             + [s for j in jobs for s in j.sources.shapes]
         )
         merged: dict[str, dict[str, FactorPair]] = {}
+        diagnostics: dict[str, dict[str, dict]] = {}
         self.adapter.eval()
         for job in jobs:
+            sources = job.sources.to(self.device)
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
-                out_a, out_b = self.adapter(job.a[rows], job.b[rows], job.sources)
+                a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
+                out_a, out_b = self.adapter(a, b, sources)
+                stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
-                        merged.setdefault(cid, {})[job.layer] = (out_a[i], out_b[i])
-        return merged, Generation(round, tuple(jobs))
+                        merged.setdefault(cid, {})[job.layer] = (out_a[i].cpu(), out_b[i].cpu())
+                        if stats:
+                            diagnostics.setdefault(cid, {})[job.layer] = stats[i]
+        return merged, Generation(round, tuple(jobs), diagnostics)
+
+    def _diagnose(
+        self,
+        job: Job,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        out_a: torch.Tensor,
+        out_b: torch.Tensor,
+    ) -> list[dict]:
+        """Per target row: ``transfer_effect`` = ‖merged − merged from its own group alone‖ /
+        ‖its own low-rank part‖ (0 when the other groups change nothing), and the share of
+        attention each source group receives."""
+        own = [i for i, g in enumerate(job.source_groups) if g == job.group]
+        if own:
+            own_sources = SourceTokens.build(
+                [job.source_factors[i] for i in own], self.rank, self.cfg.adapter.max_source_tokens
+            ).to(self.device)
+            ref_a, ref_b = self.adapter(a, b, own_sources)
+        else:  # no source of its own group: without the others the target keeps its factors
+            ref_a, ref_b = a, b
+        effect = torch.linalg.matrix_norm(out_a @ out_b - ref_a @ ref_b) / torch.linalg.matrix_norm(
+            a @ b
+        ).clamp_min(1e-12)
+        shares = self.adapter.attention_shares(
+            a, b, job.sources.to(self.device), len(job.source_groups)
+        )
+        out = []
+        for i in range(a.shape[0]):
+            attention: dict[str, float] = {}
+            if shares is not None:
+                for s, group in enumerate(job.source_groups):
+                    attention[group] = attention.get(group, 0.0) + float(shares[i, s])
+            out.append({"transfer_effect": float(effect[i]), "attention": attention})
+        return out
 
     def update(
         self, generation: Generation, pieces: Mapping[str, Mapping[str, FactorPair]]
@@ -248,10 +318,13 @@ class Hypernetwork:
         for job in generation.jobs:
             replied = [[c for c in ms if c in pieces] for ms in job.members]
             rows = [i for i, cs in enumerate(replied) if cs]
+            sources = job.sources.to(self.device)
             for chunk in _chunks(rows, self.cfg.chunk_size):
-                out_a, out_b = self.adapter(job.a[chunk], job.b[chunk], job.sources)
+                a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
+                out_a, out_b = self.adapter(a, b, sources)
                 ga = torch.stack([sum(pieces[c][job.layer][0] for c in replied[i]) for i in chunk])
                 gb = torch.stack([sum(pieces[c][job.layer][1] for c in replied[i]) for i in chunk])
+                ga, gb = ga.to(self.device), gb.to(self.device)
                 step = torch.autograd.grad(
                     (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
                 )
@@ -269,10 +342,14 @@ class Hypernetwork:
             p.grad = g
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        before = [p.detach().clone() for p in params]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        step = sum(
+            float((p.detach() - q).pow(2).sum()) for p, q in zip(params, before, strict=True)
+        )
         log.debug("adapter step: %d pieces, gradient norm %.4g", used, norm)
-        return {"pieces": float(used), "grad_norm": norm}
+        return {"pieces": float(used), "grad_norm": norm, "step_norm": step**0.5}
 
     def state_dict(self) -> dict:
         """A snapshot (deep copy: the optimiser updates its state tensors in place)."""

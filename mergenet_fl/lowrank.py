@@ -63,6 +63,24 @@ def factorize(
     return a.contiguous(), b.contiguous()
 
 
+def align_signs(
+    a: torch.Tensor, b: torch.Tensor, reference: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular pairs so that each column of ``A`` points the way ``reference``'s does.
+
+    ``A: (m, r)``, ``B: (r, n)``, ``reference: (m, r')``; column ``j < min(r, r')`` of ``A``
+    (and row ``j`` of ``B``) is negated when its dot product with the reference column is
+    negative. ``A @ B`` is unchanged. A fixed sign rule (as in :func:`factorize`) flips a pair
+    whenever two entries of a column trade places in magnitude; aligning each new factorisation
+    with the previous one of the same layer keeps its tokens from changing sign between rounds.
+    """
+    k = min(a.shape[1], reference.shape[1])
+    signs = torch.ones(a.shape[1], dtype=a.dtype)
+    dots = (a[:, :k] * reference[:, :k].to(a.dtype)).sum(dim=0)
+    signs[:k] = torch.where(dots < 0, -1.0, 1.0)
+    return a * signs, b * signs[:, None]
+
+
 def reconstruct(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``A @ B``: ``(..., m, r) @ (..., r, n) -> (..., m, n)``."""
     return a @ b

@@ -2,20 +2,50 @@
 
 The node's architecture, task and data follow from its ``partition-id`` (node config) and the
 composed experiment config. A real SuperNode may also set ``client-id`` in its node config.
+What a client derives from the config (data, tokenizer, model) is built once per process
+(:func:`simulations.federation.build_workload`), at the identity handshake before round 1;
+its weights, optimiser state and place in its data live in ``context.state``.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
+from typing import Any
 
-from flwr.app import Context, Message
+import torch
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from simulations.config import ExperimentConfig, compose
+from simulations.config import ExperimentConfig, compose_cached
 from simulations.federation import Workload, build_workload, client_identity
+from simulations.tasks import TrainState, resolve_device
 from strategies import client as mc
 from strategies import protocol as p
+
+TRAIN_STATE_KEY = "mergenet.train-state"
+
+
+def load_train_state(context: Context) -> TrainState:
+    """The client's place in its data and optimiser state (fresh before its first round)."""
+    record = context.state.config_records.get(TRAIN_STATE_KEY)
+    return TrainState() if record is None else _decode_train_state(dict(record))
+
+
+def save_train_state(context: Context, state: TrainState) -> None:
+    context.state.config_records[TRAIN_STATE_KEY] = ConfigRecord(_encode_train_state(state))
+
+
+def _encode_train_state(state: TrainState) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state.optimizer, buffer)
+    return {"epoch": state.epoch, "batch": state.batch, "optimizer": buffer.getvalue()}
+
+
+def _decode_train_state(values: dict[str, Any]) -> TrainState:
+    optimizer = torch.load(io.BytesIO(values["optimizer"]), weights_only=True)
+    return TrainState(int(values["epoch"]), int(values["batch"]), optimizer)
 
 
 def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> ClientApp:
@@ -29,38 +59,57 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     def workload(context: Context) -> tuple[ExperimentConfig, Workload]:
         cfg = config_for(context)
         work = build_workload(cfg, *node(context))
-        mc.load_local_model(context, work.model)
+        if not mc.load_local_model(context, work.model):
+            work.reset_model()
         return cfg, work
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return mc.query_reply(msg, client_identity(config_for(context), *node(context)))
+        cfg = config_for(context)
+        build_workload(cfg, *node(context))  # now, so that round 1 costs only its training
+        return mc.query_reply(msg, client_identity(cfg, *node(context)))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        entered = time.perf_counter()
         cfg, work = workload(context)
         config = msg.content.config_records[p.CONFIG]
         server_round = int(config[p.ROUND])
         state_dir = config.get(p.CLIENT_STATE_DIR)
+        client_id = work.identity.client_id
+        state = load_train_state(context)
         if state_dir and not mc.has_local_model(context):  # a restarted run: back from disk
-            mc.load_model_file(
-                str(state_dir), work.identity.client_id, server_round - 1, work.model
-            )
+            saved = mc.load_model_file(str(state_dir), client_id, server_round - 1, work.model)
+            if saved:
+                state = _decode_train_state(saved)
         start = time.perf_counter()
         installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
         overhead = time.perf_counter() - start
-        epochs = int(config.get("local-epochs", cfg.local_epochs))
-        seed = cfg.seed * 100_003 + int(context.node_config["partition-id"]) * 1009 + server_round
+        partition_id = int(context.node_config["partition-id"])
+        steps = cfg.local_steps
         metrics = work.task.train(
-            work.model, work.train_set, epochs=epochs, batch_size=cfg.batch_size, seed=seed
+            work.model,
+            work.train_set,
+            steps=steps,
+            epochs=None if steps else int(config.get("local-epochs", cfg.local_epochs)),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
+            data_seed=cfg.seed * 100_003 + partition_id * 1009,
+            state=state,
+            device=resolve_device(cfg.device),
         )
+        work.model.cpu()  # factors and replies are built on the CPU
         mc.save_local_model(context, work.model)
+        save_train_state(context, state)
         if state_dir:
-            mc.save_model_file(str(state_dir), work.identity.client_id, server_round, work.model)
+            extra = _encode_train_state(state)
+            mc.save_model_file(str(state_dir), client_id, server_round, work.model, extra)
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),
             **metrics,
+            "label_counts": list(work.data.label_counts),
             mc.MERGENET_SECONDS: overhead,
+            "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
         }
         return mc.reply(
             msg, work.model, work.layers, work.identity, installed, metrics, rank=cfg.rank
@@ -68,12 +117,24 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        entered = time.perf_counter()
         cfg, work = workload(context)
-        metrics = work.task.evaluate(work.model, work.eval_set, batch_size=cfg.batch_size * 2)
-        metrics = {p.NUM_EXAMPLES: metrics.pop("num_examples"), **metrics}
+        metrics = work.task.evaluate(
+            work.model,
+            work.eval_set,
+            batch_size=cfg.batch_size * 2,
+            device=resolve_device(cfg.device),
+            calibrate_on=work.train_set,
+        )
+        work.model.cpu()
+        metrics = {
+            p.NUM_EXAMPLES: metrics.pop("num_examples"),
+            **metrics,
+            "client_seconds": time.perf_counter() - entered,
+        }
         return mc.evaluate_reply(msg, work.identity, metrics)
 
     return app
 
 
-app = make_client_app(lambda context: compose(str(context.run_config.get("overrides", ""))))
+app = make_client_app(lambda context: compose_cached(str(context.run_config.get("overrides", ""))))

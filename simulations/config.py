@@ -6,6 +6,7 @@ and the Flower apps under ``flwr run`` (run config key ``overrides``).
 
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
+from simulations.tasks import resolve_device
 from strategies import GroupFedAvg, LocalOnly, MergeNet, PeerStrategy
 from strategies.base import RoundSink
 from strategies.protocol import SHARE_MODES
@@ -25,6 +27,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = ("mergenet", "local", "groupfedavg")
 PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "validation")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,7 @@ class ExperimentConfig:
     fraction_train: float
     fraction_evaluate: float
     client_cpus: float
+    client_gpus: float
     data_dir: str | None
     output_dir: str
     checkpoint: bool
@@ -73,6 +77,11 @@ class ExperimentConfig:
     partition: str
     alpha: float
     eval_split: str = "test"
+    local_steps: int | None = None  # batches per round instead of local_epochs
+    evaluate_every: int = 1
+    device: str = "auto"
+    node_wait: float = 60.0
+    allow_failed_clients: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -99,7 +108,7 @@ class ExperimentConfig:
         s = self.strategy
         group_targets = s.get("group_targets")
         if group_targets is None:  # a group that averages its other parameters is one target
-            group_targets = s.get("share", "unselected") != "none"
+            group_targets = s.get("share", "all") != "none"
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
             optimizer=s.get("optimizer", HypernetConfig.optimizer),
@@ -108,6 +117,7 @@ class ExperimentConfig:
             summarize_groups=s.get("summarize_groups", HypernetConfig.summarize_groups),
             self_transfer=s.get("self_transfer", HypernetConfig.self_transfer),
             group_targets=group_targets,
+            device=str(resolve_device(self.device)),
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
@@ -115,7 +125,10 @@ class ExperimentConfig:
             fraction_train=self.fraction_train,
             fraction_evaluate=self.fraction_evaluate,
             min_available_nodes=self.num_clients,
+            evaluate_every=self.evaluate_every,
             query_timeout=self.round_timeout,
+            node_wait=self.node_wait,
+            seed=self.seed,
             on_round=on_round,
         )
         name = self.strategy["name"]
@@ -126,7 +139,7 @@ class ExperimentConfig:
         return MergeNet(
             hypernet=self.hypernet(),
             transfer_every=self.transfer_every,
-            share=self.strategy.get("share", "unselected"),
+            share=self.strategy.get("share", "all"),
             max_packet_age=self.strategy.get("max_packet_age"),
             max_packet_values=self.strategy.get("max_packet_values", 50_000_000),
             max_factor_norm=self.strategy.get("max_factor_norm", 1e4),
@@ -145,6 +158,12 @@ def compose(overrides: list[str] | str = ()) -> ExperimentConfig:
     return from_dictconfig(cfg)
 
 
+@functools.lru_cache(maxsize=16)
+def compose_cached(overrides: str) -> ExperimentConfig:
+    """:func:`compose` once per process and overrides string (every client message needs it)."""
+    return compose(overrides)
+
+
 def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     """Check a composed config; raise :class:`ConfigError` listing every problem."""
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -160,6 +179,23 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
             isinstance(raw.get(key), int) and raw[key] >= 1,
             f"{key} must be an integer >= 1, got {raw.get(key)!r}",
         )
+    need(
+        raw.get("local_steps") is None
+        or (isinstance(raw["local_steps"], int) and raw["local_steps"] >= 1),
+        f"local_steps must be null or an integer >= 1, got {raw.get('local_steps')!r}",
+    )
+    need(
+        isinstance(raw.get("evaluate_every", 1), int) and raw.get("evaluate_every", 1) >= 1,
+        f"evaluate_every must be an integer >= 1, got {raw.get('evaluate_every')!r}",
+    )
+    need(
+        raw.get("device", "auto") in DEVICES,
+        f"device must be one of {DEVICES}, got {raw.get('device')!r}",
+    )
+    need(
+        isinstance(raw.get("node_wait", 60), (int, float)) and raw.get("node_wait", 60) > 0,
+        f"node_wait must be a number of seconds > 0, got {raw.get('node_wait')!r}",
+    )
     for key in ("fraction_train", "fraction_evaluate"):
         need(
             isinstance(raw.get(key), (int, float)) and 0 <= raw[key] <= 1,
@@ -168,6 +204,10 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     need(
         isinstance(raw.get("client_cpus"), (int, float)) and raw["client_cpus"] > 0,
         "client_cpus must be > 0",
+    )
+    need(
+        isinstance(raw.get("client_gpus", 0), (int, float)) and raw.get("client_gpus", 0) >= 0,
+        f"client_gpus must be >= 0, got {raw.get('client_gpus')!r}",
     )
     need(
         raw.get("eval_split", "test") in EVAL_SPLITS,
@@ -248,6 +288,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         fraction_train=float(raw["fraction_train"]),
         fraction_evaluate=float(raw["fraction_evaluate"]),
         client_cpus=float(raw["client_cpus"]),
+        client_gpus=float(raw.get("client_gpus", 0)),
         data_dir=raw.get("data_dir"),
         output_dir=str(raw["output_dir"]),
         checkpoint=bool(raw.get("checkpoint", False)),
@@ -260,11 +301,32 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         partition=fed["partition"],
         alpha=float(fed["alpha"]),
         eval_split=str(raw.get("eval_split", "test")),
+        local_steps=raw.get("local_steps"),
+        evaluate_every=int(raw.get("evaluate_every", 1)),
+        device=str(raw.get("device", "auto")),
+        node_wait=float(raw.get("node_wait", 60)),
+        allow_failed_clients=bool(raw.get("allow_failed_clients", False)),
         raw=raw,
     )
 
 
-if __name__ == "__main__":  # print the number of clients of the composed federation
+def federation_config(cfg: ExperimentConfig) -> str:
+    """``flwr run --federation-config`` for a local simulation of ``cfg``: one SuperNode per
+    client, with the config's resources."""
+    return (
+        f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus:g} "
+        f"client-resources-num-gpus={cfg.client_gpus:g}"
+    )
+
+
+if __name__ == "__main__":  # check the composed config, print its --federation-config
     import sys
 
-    print(compose(sys.argv[1:]).num_clients)
+    from simulations.preflight import preflight
+
+    try:
+        exp = compose(sys.argv[1:])
+        preflight(exp)
+    except ConfigError as exc:
+        sys.exit(str(exc))
+    print(federation_config(exp))

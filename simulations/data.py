@@ -44,6 +44,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "KNOWN_FILES",
+    "DATASET_FILES",
     "DataFileError",
     "ImageDataset",
     "QADataset",
@@ -52,6 +53,8 @@ __all__ = [
     "TextSplit",
     "build_tokenizer",
     "default_cache_dir",
+    "check_dataset_files",
+    "dataset_files",
     "default_data_dir",
     "load_cifar10",
     "load_squad2",
@@ -97,6 +100,23 @@ KNOWN_FILES: MappingProxyType[str, str] = MappingProxyType(
     }
 )
 
+#: The data files each dataset reads, relative to the data folder. Text datasets also read
+#: the tokenizer's vocabulary; CIFAR-10 reads torchvision's batches instead when present.
+DATASET_FILES: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "cifar10": ("cifar10_jpeg/cifar10_train_jpeg.npz", "cifar10_jpeg/cifar10_test_jpeg.npz"),
+        "sst2": ("sst2/train.tsv", "sst2/dev.tsv", "bert-base-uncased/vocab.txt"),
+        "imdb": ("imdb/imdb_train.csv.gz", "imdb/imdb_test.csv.gz", "bert-base-uncased/vocab.txt"),
+        "agnews": (
+            "agnews/classes.txt",
+            "agnews_alps/train_subset_alps_dev.tsv",
+            "agnews/test.csv",
+            "bert-base-uncased/vocab.txt",
+        ),
+        "squad2": ("squad2/dev-v2.0.cs224n.json", "bert-base-uncased/vocab.txt"),
+    }
+)
+
 #: Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1].
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
@@ -127,12 +147,15 @@ class DataFileError(FileNotFoundError, ValueError):
 
 
 def default_data_dir() -> Path:
-    """Return the data folder: ``$MERGENET_DATA_DIR`` or ``<project root>/../shared/data``."""
+    """Return the data folder: ``$MERGENET_DATA_DIR``, else ``../shared/data`` beside the
+    project, else beside the working directory (``flwr run`` runs an installed copy of the
+    project from elsewhere, in the working directory it was started from)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env).expanduser()
     project_root = Path(__file__).resolve().parent.parent
-    return project_root.parent / "shared" / "data"
+    candidates = [project_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def default_cache_dir() -> Path:
@@ -214,6 +237,32 @@ def _verified(relpath: str, data_dir: str | os.PathLike[str] | None) -> tuple[Pa
     """Resolve ``relpath`` inside the data folder, verify it and return (path, sha256)."""
     path = _data_root(data_dir) / relpath
     return path, verify(path, KNOWN_FILES[relpath])
+
+
+def dataset_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The files dataset ``name`` reads (none for synthetic data); they may not exist."""
+    root = _data_root(data_dir)
+    tv_folder = root / _TORCHVISION_CIFAR_DIR
+    if name == "cifar10" and tv_folder.is_dir():
+        return [
+            tv_folder / f for split in ("train", "test") for f in _TORCHVISION_CIFAR_FILES[split]
+        ]
+    return [root / rel for rel in DATASET_FILES.get(name, ())]
+
+
+def check_dataset_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Every problem with the files of dataset ``name``: missing, or altered (sha256)."""
+    problems = []
+    for path in dataset_files(name, data_dir):
+        try:
+            if _known_key(path) is None:  # torchvision's batches have no pinned checksum
+                if not path.is_file():
+                    raise DataFileError(f"missing data file {path}")
+            else:
+                verify(path)
+        except DataFileError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 # --------------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from mergenet_fl import SelectedLayer, as_spec, select_layers
+from simulations import cache
 from simulations import data as D
+from simulations.cache import KeyedCache
 from simulations.config import ExperimentConfig
 from simulations.models import build_model
 from simulations.tasks import Task, get_task
@@ -26,20 +29,58 @@ log = logging.getLogger(__name__)
 IMAGE_DATASETS = ("cifar10", "synthetic-images")
 TEXT_DATASETS = ("sst2", "imdb", "agnews", "synthetic-text")
 QA_DATASETS = ("squad2",)
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS + QA_DATASETS
+SYNTHETIC_CLASSES = {"synthetic-images": 4, "synthetic-text": 2}
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 2000, 500  # rows of one distribution, cut in two
 TEXT_MAX_LENGTH = 64
 QA_MAX_LENGTH = 192
 
 
+DATA_VERSION = 2  # bump when the way client data is built changes
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's datasets: ``train_rows`` and ``eval_rows`` index the dataset's splits."""
+
+    train_set: Dataset
+    eval_set: Dataset  # the test split, or validation rows (`eval_split`)
+    num_classes: int
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    label_counts: tuple[int, ...]  # training examples per class (QA: unanswerable, answerable)
+
+
 @dataclass
 class Workload:
-    """One client's model (freshly initialised), transfer layers, task and data."""
+    """One client's model, transfer layers, task and data, built once per process.
+
+    ``model`` is reused by every message of the client in this process: restore the client's
+    own weights (``context.state``) or :meth:`reset_model` before using it.
+    """
 
     identity: ClientIdentity
     model: nn.Module
     layers: list[SelectedLayer]
     task: Task
-    train_set: Dataset
-    eval_set: Dataset  # the test split, or validation rows (`eval_split`)
+    data: ClientData
+    initial_state: dict[str, torch.Tensor]
+
+    @property
+    def train_set(self) -> Dataset:
+        return self.data.train_set
+
+    @property
+    def eval_set(self) -> Dataset:
+        return self.data.eval_set
+
+    def reset_model(self) -> None:
+        """Back to the freshly initialised weights."""
+        self.model.load_state_dict(self.initial_state)
+
+
+_DATA: KeyedCache[ClientData] = KeyedCache("client-data", D.default_cache_dir)
+_WORKLOADS: KeyedCache[Workload] = KeyedCache("workloads")  # memory only: holds a model
 
 
 def client_identity(
@@ -53,74 +94,126 @@ def client_identity(
 def build_workload(
     cfg: ExperimentConfig, partition_id: int, client_id: str | None = None
 ) -> Workload:
-    """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``)."""
+    """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``), from the
+    process's cache when an earlier message built it."""
     spec, index = cfg.client(partition_id)
     seed = cfg.seed * 1000 + partition_id
-    train_set, eval_set, num_classes = _datasets(cfg, spec.dataset, index, seed)
-    model = build_model(spec.arch, num_classes, seed=seed)
-    layers = select_layers(model, as_spec(spec.layers, spec.exclude))
-    identity = client_identity(cfg, partition_id, client_id)
-    return Workload(identity, model, layers, get_task(spec.task), train_set, eval_set)
+    data_parts = _data_parts(cfg, spec.dataset, index)
+    parts = {
+        "data": data_parts,
+        "arch": spec.arch,
+        "task": spec.task,
+        "layers": spec.layers,
+        "exclude": spec.exclude,
+        "seed": seed,
+        "identity": str(client_identity(cfg, partition_id, client_id)),
+    }
+
+    def build() -> Workload:
+        data = _DATA.get(data_parts, lambda: _client_data(cfg, spec.dataset, index))
+        model = build_model(spec.arch, data.num_classes, seed=seed)
+        layers = select_layers(model, as_spec(spec.layers, spec.exclude))
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        identity = client_identity(cfg, partition_id, client_id)
+        return Workload(identity, model, layers, get_task(spec.task), data, initial)
+
+    return _WORKLOADS.get(parts, build)
 
 
-def _datasets(
-    cfg: ExperimentConfig, name: str, index: int, seed: int
-) -> tuple[Dataset, Dataset, int]:
-    """Train partition ``index`` of the dataset's clients, an evaluation subset (of the test
-    split, or ``cfg.eval_split == "validation"``: of the training rows no client trains on),
-    and the number of classes."""
+def _data_parts(cfg: ExperimentConfig, dataset: str, index: int) -> dict[str, object]:
+    """Everything client ``index`` of ``dataset`` has its data built from."""
+    return {
+        "version": DATA_VERSION,
+        "dataset": dataset,
+        "index": index,
+        "seed": cfg.seed,
+        "partition": cfg.partition,
+        "alpha": cfg.alpha,
+        "caps": [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)],
+        "eval_split": cfg.eval_split,
+        "test_examples": cfg.test_examples,
+        "files": {
+            f"{path.parent.name}/{path.name}": cache.file_digest(path)
+            for path in D.dataset_files(dataset, cfg.data_dir)
+            if path.is_file()  # a missing file fails in the loader, naming it
+        },
+    }
+
+
+def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
+    """Train partition ``index`` of the dataset's clients and an evaluation subset (of the test
+    split, or ``cfg.eval_split == "validation"``: of the training rows no client trains on)."""
     validation = cfg.eval_split == "validation"
+    seed = cfg.seed * 1000 + index
     if name in IMAGE_DATASETS:
         if name == "cifar10":
             x, y = D.load_cifar10("train", cfg.data_dir)
             tx, ty = (x, y) if validation else D.load_cifar10("test", cfg.data_dir)
             num_classes = 10
-        else:
-            x, y = D.synthetic_images(2000, 4, seed=cfg.seed)
-            tx, ty = (x, y) if validation else D.synthetic_images(500, 4, seed=cfg.seed + 1)
-            num_classes = 4
+        else:  # one distribution, cut into a train and a test split
+            num_classes = SYNTHETIC_CLASSES[name]
+            images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
+            x, y = images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN]
+            tx, ty = (x, y) if validation else (images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
         train, held_out = _split(cfg, name, y, index, len(ty), seed)
-        return (
+        return ClientData(
             D.ImageDataset(x[train], y[train], train=True),
             D.ImageDataset(tx[held_out], ty[held_out], train=False),
             num_classes,
+            train,
+            held_out,
+            _counts(y[train], num_classes),
         )
     if name in TEXT_DATASETS:
         if name == "synthetic-text":
-            texts, labels = D.synthetic_texts(2000, 2, seed=cfg.seed)
-            test_texts, test_labels = D.synthetic_texts(500, 2, seed=cfg.seed + 1)
-            num_classes = 2
+            num_classes = SYNTHETIC_CLASSES[name]
+            all_texts, all_labels = D.synthetic_texts(
+                SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, seed=0
+            )
+            texts, labels = all_texts[:SYNTHETIC_TRAIN], all_labels[:SYNTHETIC_TRAIN]
+            test_texts, test_labels = all_texts[SYNTHETIC_TRAIN:], all_labels[SYNTHETIC_TRAIN:]
         else:
             texts, labels, num_classes = D.load_text_classification(name, "train", cfg.data_dir)
             test_texts, test_labels, _ = D.load_text_classification(name, "test", cfg.data_dir)
         if validation:
             test_texts, test_labels = texts, labels
         tokenizer = D.build_tokenizer(cfg.data_dir)
-        train, held_out = _split(cfg, name, np.asarray(labels), index, len(test_labels), seed)
-        train_set = D.TextClassificationDataset(
-            [texts[i] for i in train], [labels[i] for i in train], tokenizer, TEXT_MAX_LENGTH
+        y = np.asarray(labels)
+        train, held_out = _split(cfg, name, y, index, len(test_labels), seed)
+        return ClientData(
+            D.TextClassificationDataset(
+                [texts[i] for i in train], [labels[i] for i in train], tokenizer, TEXT_MAX_LENGTH
+            ),
+            D.TextClassificationDataset(
+                [test_texts[i] for i in held_out],
+                [test_labels[i] for i in held_out],
+                tokenizer,
+                TEXT_MAX_LENGTH,
+            ),
+            num_classes,
+            train,
+            held_out,
+            _counts(y[train], num_classes),
         )
-        eval_set = D.TextClassificationDataset(
-            [test_texts[i] for i in held_out],
-            [test_labels[i] for i in held_out],
-            tokenizer,
-            TEXT_MAX_LENGTH,
-        )
-        return train_set, eval_set, num_classes
     if name in QA_DATASETS:
         examples = D.load_squad2("train", cfg.data_dir, seed=cfg.seed)
         test = examples if validation else D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
         tokenizer = D.build_tokenizer(cfg.data_dir)
         answerable = np.array([0 if ex.is_impossible else 1 for ex in examples])
         train, held_out = _split(cfg, name, answerable, index, len(test), seed)
-        return (
+        return ClientData(
             D.QADataset([examples[i] for i in train], tokenizer, QA_MAX_LENGTH),
             D.QADataset([test[i] for i in held_out], tokenizer, QA_MAX_LENGTH),
             2,
+            train,
+            held_out,
+            _counts(answerable[train], 2),
         )
-    raise ValueError(
-        f"unknown dataset {name!r}; known: {IMAGE_DATASETS + TEXT_DATASETS + QA_DATASETS}"
-    )
+    raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
+
+
+def _counts(labels: np.ndarray, num_classes: int) -> tuple[int, ...]:
+    return tuple(int(c) for c in np.bincount(labels, minlength=num_classes))
 
 
 def _split(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,7 @@ def bytes_per_round(lines: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
     return {r: (d, u) for r, (d, u) in sorted(out.items())}
 
 
-def summarize(run_dir: Path, title: str, seconds: float) -> Path:
+def summarize(run_dir: Path, title: str, seconds: float, groups: Sequence[str] = ()) -> Path:
     """Write ``summary.md`` and the plots; return the summary's path."""
     lines = read_lines(run_dir)
     curves = group_curves(lines)
@@ -190,3 +192,22 @@ def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def check(run_dir: Path) -> int:
+    """0 if the run in ``run_dir`` ended normally, else 1 (with the reason on stderr)."""
+    run_file = run_dir / "run.json"
+    if not run_file.exists():
+        print(f"{run_dir}: no run.json, the run did not finish", file=sys.stderr)
+        return 1
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    if run.get("status") == "failed":
+        print(f"{run_dir}: the run failed: {run.get('failed')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # python -m simulations.results check <run dir>
+    if len(sys.argv) != 3 or sys.argv[1] != "check":
+        sys.exit("usage: python -m simulations.results check <run dir>")
+    sys.exit(check(Path(sys.argv[2])))

@@ -9,18 +9,23 @@ Each run writes ``metrics.jsonl``, ``summary.md`` and plots into its Hydra outpu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import hydra
+import torch
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from simulations.client_app import make_client_app
-from simulations.config import from_dictconfig
-from simulations.server_app import make_server_app, setup_logging
+from simulations.config import ConfigError, ExperimentConfig, from_dictconfig
+from simulations.preflight import preflight
+from simulations.server_app import RunFailed, make_server_app, setup_logging
+from strategies.base import NotEnoughNodes
 
 log = logging.getLogger("simulations.run")
 
@@ -28,22 +33,53 @@ log = logging.getLogger("simulations.run")
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    exp = from_dictconfig(cfg)
-    run_dir = Path(exp.resume or HydraConfig.get().runtime.output_dir).expanduser().resolve()
-    cpus = os.cpu_count() or 1
-    if exp.client_cpus > cpus:
-        raise ValueError(
-            f"client_cpus={exp.client_cpus} exceeds this machine's {cpus} CPUs (the run would hang)"
-        )
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir).expanduser().resolve()
+    try:
+        exp = from_dictconfig(cfg)
+        preflight(exp)
+        check_resources(exp)
+    except ConfigError as exc:
+        if not cfg.get("resume"):  # Hydra made the run's folder already: nothing ran in it
+            shutil.rmtree(hydra_dir, ignore_errors=True)
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    run_dir = Path(exp.resume).expanduser().resolve() if exp.resume else hydra_dir
+    try:
+        simulate(exp, run_dir)
+    except (RunFailed, NotEnoughNodes) as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    log.info("results in %s", run_dir)
+
+
+def simulate(exp: ExperimentConfig, run_dir: Path) -> dict:
+    """Run ``exp`` on Flower's simulation engine into ``run_dir``; return its ``run.json``."""
     run_simulation(
         server_app=make_server_app(lambda context: (exp, run_dir)),
         client_app=make_client_app(lambda context: exp),
         num_supernodes=exp.num_clients,
-        backend_config={"client_resources": {"num_cpus": exp.client_cpus, "num_gpus": 0.0}},
+        backend_config={
+            "client_resources": {"num_cpus": exp.client_cpus, "num_gpus": exp.client_gpus}
+        },
     )
-    if not (run_dir / "summary.md").exists():
-        raise RuntimeError(f"the simulation ended without results in {run_dir}; see the log above")
-    log.info("results in %s", run_dir)
+    run_file = run_dir / "run.json"
+    if not run_file.exists():
+        log.error("the simulation ended without results in %s; see the log above", run_dir)
+        raise SystemExit(1)
+    return json.loads(run_file.read_text(encoding="utf-8"))
+
+
+def check_resources(exp: ExperimentConfig) -> None:
+    """Refuse resource requests that would make the simulation wait for ever."""
+    cpus = os.cpu_count() or 1
+    if exp.client_cpus > cpus:
+        raise ConfigError(
+            f"client_cpus={exp.client_cpus:g} exceeds this machine's {cpus} CPUs (the run would "
+            "hang)"
+        )
+    gpus = torch.cuda.device_count()
+    if exp.client_gpus > gpus:
+        raise ConfigError(f"client_gpus={exp.client_gpus:g}, but this machine has {gpus} GPUs")
 
 
 if __name__ == "__main__":

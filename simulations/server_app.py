@@ -14,7 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from simulations.config import ExperimentConfig, compose
-from simulations.results import RunRecorder, new_run_dir, summarize
+from simulations.preflight import preflight
+from simulations.results import RunRecorder, new_run_dir, read_lines, summarize
+from strategies.base import NotEnoughNodes
 from strategies.checkpoint import Checkpointer, load_checkpoint
 from strategies.protocol import CLIENT_STATE_DIR
 
@@ -68,23 +70,64 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
     )
     start = time.perf_counter()
     if done < cfg.num_rounds:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(),
-            num_rounds=cfg.num_rounds - done,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord(train_config),
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(),
+                num_rounds=cfg.num_rounds - done,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord(train_config),
+            )
+        except NotEnoughNodes as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise NotEnoughNodes(
+                f"{exc}. A local simulation needs one SuperNode per client: "
+                f"flwr run . --federation-config 'num-supernodes={cfg.num_clients}' "
+                f"(or bash scripts/quickstart.sh, which passes it); a deployment needs "
+                f"{cfg.num_clients} flower-supernode processes"
+            ) from None
     seconds = time.perf_counter() - start
     run_file = run_dir / "run.json"
     previous = json.loads(run_file.read_text()) if run_file.exists() else {}
     total = previous.get("seconds", 0.0) + seconds  # a resumed run adds to its first part
+    failed = failed_clients(read_lines(run_dir), [c.group for c in cfg.clients])
+    status = "failed" if failed and not cfg.allow_failed_clients else "ok"
     run_file.write_text(
-        json.dumps({"name": cfg.name, "seconds": round(total, 3)}), encoding="utf-8"
+        json.dumps(
+            {"name": cfg.name, "seconds": round(total, 3), "status": status, "failed": failed}
+        ),
+        encoding="utf-8",
     )
-    summary = summarize(run_dir, cfg.name, total)
+    groups = list(dict.fromkeys(c.group for c in cfg.clients))
+    summary = summarize(run_dir, cfg.name, total, groups)
     log.info("results written to %s\n%s", run_dir, summary.read_text(encoding="utf-8"))
+    if status == "failed":
+        raise RunFailed(
+            "clients failed in every round they were asked: "
+            + "; ".join(f"{who}: {why}" for who, why in failed.items())
+            + " (allow_failed_clients=true lets such a run end normally)"
+        )
     return run_dir
+
+
+class RunFailed(RuntimeError):
+    """Some client or group never trained; the run's results leave them out."""
+
+
+def failed_clients(lines: list[dict], groups: list[str]) -> dict[str, str]:
+    """Clients that never trained successfully, and groups with no such client: their reason."""
+    trained = {line["client"] for line in lines if line.get("stage") == "train" and "group" in line}
+    trained_groups = {
+        line["group"] for line in lines if line.get("stage") == "train" and "group" in line
+    }
+    failed: dict[str, str] = {}
+    for line in lines:
+        if "dropped" in line and line["client"] not in trained:
+            failed[line["client"]] = line["dropped"]
+    for group in groups:
+        if group not in trained_groups:
+            failed.setdefault(f"group {group}", "no client of this group trained")
+    return failed
 
 
 def make_server_app(config_for: Callable[[Context], tuple[ExperimentConfig, Path]]) -> ServerApp:
@@ -102,6 +145,7 @@ def make_server_app(config_for: Callable[[Context], tuple[ExperimentConfig, Path
 
 def _from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
     cfg = compose(str(context.run_config.get("overrides", "")))
+    preflight(cfg)  # before any folder or round: every problem at once
     if cfg.resume:
         return cfg, Path(cfg.resume).expanduser().resolve()
     root = str(context.run_config.get("output-dir", "")) or cfg.output_dir

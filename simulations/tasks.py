@@ -13,10 +13,15 @@ Every task kind implements the :class:`Task` protocol and is selected by name wi
   ``end_logits``; the dataset must be a :class:`simulations.data.QADataset` (or a
   ``torch.utils.data.Subset`` of one). AdamW.
 
-Training is deterministic for a given ``seed`` on CPU: the DataLoader shuffles with a
-seeded ``torch.Generator`` and the loop runs under ``torch.random.fork_rng`` with
-``torch.manual_seed(seed)`` (augmentation, dropout), leaving the caller's global RNG state
-untouched.
+A round trains for a number of batches (``steps``, the paper's time unit) or whole
+``epochs``. A :class:`TrainState` carries a client's place in its shuffled data and its
+optimiser state from one round to the next, so 4-batch rounds still walk through the whole
+partition, epoch after epoch, as one continuous training run would.
+
+Training is deterministic for a given ``seed`` on CPU: epoch ``e`` visits the rows in a
+permutation seeded with ``(data_seed, e)``, and the loop runs under
+``torch.random.fork_rng`` with ``torch.manual_seed(seed)`` (augmentation, dropout), leaving
+the caller's global RNG state untouched.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -46,13 +52,17 @@ __all__ = [
     "IMAGE_TRAIN_CONFIG",
     "TASKS",
     "TRANSFORMER_TRAIN_CONFIG",
+    "calibrated_batchnorm",
     "ExtractiveQATask",
     "ImageClassificationTask",
     "Task",
     "TextClassificationTask",
     "TrainConfig",
+    "TrainState",
     "decode_best_span",
     "get_task",
+    "plan_batches",
+    "resolve_device",
     "squad_exact_match",
     "squad_f1",
     "squad_normalize",
@@ -115,6 +125,54 @@ TRANSFORMER_TRAIN_CONFIG = TrainConfig(
 )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU; ``"cpu"``; ``"cuda"`` (refused without one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda, but torch sees no CUDA device here (use auto or cpu)")
+    return torch.device(name)
+
+
+@dataclass
+class TrainState:
+    """What a client carries from one round's training to the next.
+
+    ``epoch`` and ``batch`` are its place in its shuffled data (the next batch to visit);
+    ``optimizer`` is the optimiser's ``state_dict()`` (momentum, Adam moments), or None
+    before the first round.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    optimizer: dict[str, Any] | None = None
+
+
+def plan_batches(
+    num_examples: int, batch_size: int, steps: int, state: TrainState, data_seed: int
+) -> list[list[int]]:
+    """The row indices of the next ``steps`` batches, advancing ``state``'s place.
+
+    Epoch ``e`` visits the rows in ``torch.randperm`` order seeded with
+    ``data_seed * 1_000_003 + e``, cut into batches of ``batch_size`` (the last may be
+    smaller); after the last batch of an epoch the next epoch begins.
+    """
+    per_epoch = math.ceil(num_examples / batch_size)
+    batches: list[list[int]] = []
+    order: list[int] = []
+    order_epoch = -1
+    for _ in range(steps):
+        if state.batch >= per_epoch:
+            state.epoch, state.batch = state.epoch + 1, 0
+        if order_epoch != state.epoch:
+            gen = torch.Generator().manual_seed(data_seed * 1_000_003 + state.epoch)
+            order, order_epoch = torch.randperm(num_examples, generator=gen).tolist(), state.epoch
+        start = state.batch * batch_size
+        batches.append(order[start : start + batch_size])
+        state.batch += 1
+    return batches
+
+
 @runtime_checkable
 class Task(Protocol):
     """Train/evaluate loops of one task kind."""
@@ -127,19 +185,29 @@ class Task(Protocol):
         model: nn.Module,
         dataset: Dataset,
         *,
-        epochs: int,
         batch_size: int,
-        lr: float | None = None,
         seed: int,
+        steps: int | None = None,
+        epochs: int | None = None,
+        state: TrainState | None = None,
+        data_seed: int | None = None,
+        lr: float | None = None,
         device: Device = "cpu",
     ) -> dict[str, float]:
         """Train ``model`` in place; return ``train_loss``, ``train_seconds``, ``num_examples``."""
         ...
 
     def evaluate(
-        self, model: nn.Module, dataset: Dataset, *, batch_size: int, device: Device = "cpu"
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        device: Device = "cpu",
+        calibrate_on: Dataset | None = None,
     ) -> dict[str, float]:
-        """Evaluate ``model``; return ``loss``, task metrics and ``num_examples``."""
+        """Evaluate ``model``; return ``loss``, task metrics, ``chance``, ``top_share``,
+        ``eval_seconds`` and ``num_examples``."""
         ...
 
 
@@ -197,44 +265,67 @@ class _SupervisedTask:
             )
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
 
+    def _loader(
+        self, dataset: Dataset, batches: list[list[int]], device: torch.device
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+
     def train(
         self,
         model: nn.Module,
         dataset: Dataset,
         *,
-        epochs: int,
         batch_size: int,
-        lr: float | None = None,
         seed: int,
+        steps: int | None = None,
+        epochs: int | None = None,
+        state: TrainState | None = None,
+        data_seed: int | None = None,
+        lr: float | None = None,
         device: Device = "cpu",
     ) -> dict[str, float]:
-        """Train ``model`` in place on ``dataset``.
+        """Train ``model`` in place on ``dataset`` for ``steps`` batches or ``epochs`` passes.
 
         Parameters
         ----------
         model : nn.Module
             Moved to ``device`` and left in train mode.
         dataset : Dataset
-            Training examples, reshuffled every epoch.
-        epochs : int
-            Passes over ``dataset`` (>= 1).
+            Training examples.
         batch_size : int
             Examples per step; the last batch of an epoch may be smaller.
+        seed : int
+            Seeds augmentation and dropout of this call.
+        steps, epochs : int
+            Exactly one: batches to train (continuing from ``state``), or whole passes
+            (``epochs × ceil(len(dataset) / batch_size)`` batches).
+        state : TrainState, optional
+            Place in the data and optimiser state; updated in place. Default: a fresh one.
+        data_seed : int, optional
+            Seeds the shuffle order of every epoch (default: ``seed``); keep it fixed across
+            rounds so that the epochs continue.
         lr : float, optional
             Learning rate; defaults to ``self.config.lr``.
-        seed : int
-            Seeds the shuffle order, augmentation and dropout.
         device : str or torch.device
             Where to train.
 
         Returns
         -------
         dict[str, float]
-            ``train_loss`` (mean per-example loss over the last epoch), ``train_seconds``
-            (wall clock) and ``num_examples`` (``len(dataset)``). An empty dataset trains
-            nothing and returns zeros.
+            ``train_loss`` (mean per-example loss over this call's batches), ``train_steps``,
+            ``train_seconds`` (wall clock) and ``num_examples`` (``len(dataset)``). An empty
+            dataset trains nothing and returns zeros.
         """
-        if epochs < 1:
+        if (steps is None) == (epochs is None):
+            raise ValueError(f"give exactly one of steps and epochs, got {steps} and {epochs}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if epochs is not None and epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -244,42 +335,51 @@ class _SupervisedTask:
         num_examples = len(dataset)
         if num_examples == 0:
             logger.warning("%s.train: empty dataset, nothing to train", self.name)
-            return {"train_loss": 0.0, "train_seconds": 0.0, "num_examples": 0}
+            return {"train_loss": 0.0, "train_steps": 0, "train_seconds": 0.0, "num_examples": 0}
 
+        state = TrainState() if state is None else state
+        if steps is None:
+            steps = epochs * math.ceil(num_examples / batch_size)
+        batches = plan_batches(
+            num_examples, batch_size, steps, state, seed if data_seed is None else data_seed
+        )
         dev = torch.device(device)
         model.to(dev).train()
         optimizer = self._optimizer(model, lr)
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=self.config.num_workers,
-            pin_memory=dev.type == "cuda",
-        )
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
         start = time.perf_counter()
-        epoch_loss = 0.0
+        loss_sum, seen = 0.0, 0
         with _seeded(seed, dev):
-            for epoch in range(epochs):
-                loss_sum, seen = 0.0, 0
-                for batch in loader:
-                    loss, size = self._batch_loss(model, batch, dev)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.config.max_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
-                    optimizer.step()
-                    loss_sum += loss.item() * size
-                    seen += size
-                epoch_loss = loss_sum / seen
-                logger.debug("%s epoch %d/%d: loss %.4f", self.name, epoch + 1, epochs, epoch_loss)
+            for batch in self._loader(dataset, batches, dev):
+                loss, size = self._batch_loss(model, batch, dev)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.config.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+                optimizer.step()
+                loss_sum += loss.item() * size
+                seen += size
         seconds = time.perf_counter() - start
-        if not math.isfinite(epoch_loss):
-            logger.warning("%s.train: non-finite training loss %s", self.name, epoch_loss)
-        return {"train_loss": epoch_loss, "train_seconds": seconds, "num_examples": num_examples}
+        state.optimizer = optimizer.state_dict()
+        train_loss = loss_sum / seen
+        if not math.isfinite(train_loss):
+            logger.warning("%s.train: non-finite training loss %s", self.name, train_loss)
+        return {
+            "train_loss": train_loss,
+            "train_steps": len(batches),
+            "train_seconds": seconds,
+            "num_examples": num_examples,
+        }
 
     def evaluate(
-        self, model: nn.Module, dataset: Dataset, *, batch_size: int, device: Device = "cpu"
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        device: Device = "cpu",
+        calibrate_on: Dataset | None = None,
     ) -> dict[str, float]:
         """Evaluate ``model`` (left in eval mode on ``device``); see subclasses."""
         raise NotImplementedError
@@ -288,6 +388,36 @@ class _SupervisedTask:
 # --------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------
+
+
+BN_CALIBRATION_BATCHES = 20
+
+
+def calibrated_batchnorm(
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
+) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are re-estimated on ``dataset`` (at most
+    :data:`BN_CALIBRATION_BATCHES` batches, in order); ``model`` itself if it has none.
+
+    A few local steps leave the running statistics (momentum 0.1) behind the weights, and
+    eval-mode accuracy near chance; evaluation scores a calibrated copy ("precise BN"), so
+    training itself spends nothing on it and the model's own statistics are untouched.
+    """
+    if len(dataset) == 0 or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return model
+    rows = list(range(min(len(dataset), BN_CALIBRATION_BATCHES * batch_size)))
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size)
+    copy = deepcopy(model).to(device)
+    with _seeded(0, device):  # augmentation draws
+        torch.optim.swa_utils.update_bn(loader, copy, device=device)
+    return copy
+
+
+_EMPTY_EVALUATION = MappingProxyType(
+    {"loss": 0.0, "chance": 0.0, "top_share": 0.0, "eval_seconds": 0.0, "num_examples": 0}
+)
 
 
 class _ClassificationTask(_SupervisedTask):
@@ -305,29 +435,53 @@ class _ClassificationTask(_SupervisedTask):
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, dataset: Dataset, *, batch_size: int, device: Device = "cpu"
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        device: Device = "cpu",
+        calibrate_on: Dataset | None = None,
     ) -> dict[str, float]:
         """Evaluate a classifier.
 
         Returns
         -------
         dict[str, float]
-            ``loss`` (mean cross-entropy), ``accuracy`` (fraction in [0, 1]) and
-            ``num_examples``; zeros for an empty dataset.
+            ``loss`` (mean cross-entropy), ``accuracy`` (fraction in [0, 1]), ``chance`` (the
+            accuracy of always predicting the most frequent label), ``top_share`` (the share
+            of predictions that fall in the most predicted class: near 1, the model predicts
+            one class for everything), ``eval_seconds`` and ``num_examples``; zeros for an
+            empty dataset.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        start = time.perf_counter()
         dev = torch.device(device)
+        if calibrate_on is not None:
+            model = calibrated_batchnorm(model, calibrate_on, batch_size, dev)
         model.to(dev).eval()
         loss_sum, correct, seen = 0.0, 0, 0
+        labels_seen: Counter[int] = Counter()
+        predicted: Counter[int] = Counter()
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             logits, labels = self._logits_and_labels(model, batch, dev)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == labels).sum().item())
+            predictions = logits.argmax(dim=1)
+            correct += int((predictions == labels).sum().item())
             seen += labels.shape[0]
+            labels_seen.update(labels.tolist())
+            predicted.update(predictions.tolist())
         if seen == 0:
-            return {"loss": 0.0, "accuracy": 0.0, "num_examples": 0}
-        return {"loss": loss_sum / seen, "accuracy": correct / seen, "num_examples": seen}
+            return _EMPTY_EVALUATION | {"accuracy": 0.0}
+        return {
+            "loss": loss_sum / seen,
+            "accuracy": correct / seen,
+            "chance": max(labels_seen.values()) / seen,
+            "top_share": max(predicted.values()) / seen,
+            "eval_seconds": time.perf_counter() - start,
+            "num_examples": seen,
+        }
 
 
 class ImageClassificationTask(_ClassificationTask):
@@ -338,22 +492,6 @@ class ImageClassificationTask(_ClassificationTask):
     @staticmethod
     def default_config() -> TrainConfig:
         return IMAGE_TRAIN_CONFIG
-
-    def train(self, model: nn.Module, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
-        """Train as the base task does, then re-estimate BatchNorm statistics on ``dataset``.
-
-        A few local steps leave the running statistics (momentum 0.1) far behind the weights,
-        and eval-mode accuracy near chance; one pass without gradients fixes them.
-        """
-        out = super().train(model, dataset, **kwargs)
-        if len(dataset) and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ):
-            device = torch.device(kwargs.get("device", "cpu"))
-            loader = DataLoader(dataset, batch_size=kwargs["batch_size"])
-            with _seeded(kwargs["seed"] + 1, device):
-                torch.optim.swa_utils.update_bn(loader, model, device=device)
-        return out
 
     def _logits_and_labels(
         self, model: nn.Module, batch: Any, device: torch.device
@@ -534,22 +672,31 @@ class ExtractiveQATask(_SupervisedTask):
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, dataset: Dataset, *, batch_size: int, device: Device = "cpu"
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        device: Device = "cpu",
+        calibrate_on: Dataset | None = None,
     ) -> dict[str, float]:
         """Evaluate a QA model.
 
         Returns
         -------
         dict[str, float]
-            ``loss``, ``em``, ``f1`` (means over questions, fractions in [0, 1]) and
-            ``num_examples``; zeros for an empty dataset.
+            ``loss``, ``em``, ``f1`` (means over questions, fractions in [0, 1]),
+            ``chance`` (the score of answering "no answer" to everything: the share of
+            unanswerable questions), ``top_share`` (the share of "no answer" predictions),
+            ``eval_seconds`` and ``num_examples``; zeros for an empty dataset.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        start_time = time.perf_counter()
         base = _base_qa_dataset(dataset)
         dev = torch.device(device)
         model.to(dev).eval()
-        loss_sum, em_sum, f1_sum, seen = 0.0, 0.0, 0.0, 0
+        loss_sum, em_sum, f1_sum, seen, impossible, abstained = 0.0, 0.0, 0.0, 0, 0, 0
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             on_dev, out, loss = self._forward(model, batch, dev)
             size = on_dev["input_ids"].shape[0]
@@ -566,16 +713,21 @@ class ExtractiveQATask(_SupervisedTask):
                     if s == 0
                     else example.context[int(offsets[row, s, 0]) : int(offsets[row, e, 1])]
                 )
+                impossible += not example.answer_texts
+                abstained += s == 0
                 em_sum += squad_exact_match(pred, example.answer_texts)
                 f1_sum += squad_f1(pred, example.answer_texts)
             loss_sum += loss.item() * size
             seen += size
         if seen == 0:
-            return {"loss": 0.0, "em": 0.0, "f1": 0.0, "num_examples": 0}
+            return _EMPTY_EVALUATION | {"em": 0.0, "f1": 0.0}
         return {
             "loss": loss_sum / seen,
             "em": em_sum / seen,
             "f1": f1_sum / seen,
+            "chance": impossible / seen,
+            "top_share": abstained / seen,
+            "eval_seconds": time.perf_counter() - start_time,
             "num_examples": seen,
         }
 

@@ -21,13 +21,18 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from mergenet_fl import PacketError
 from strategies import protocol as p
 from strategies.checkpoint import set_rng_state
 
 log = logging.getLogger(__name__)
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes than ``min_available_nodes`` connected within ``node_wait`` seconds."""
+
 
 RoundSink = Callable[[dict[str, Any]], None]
 """Receives one record per round and stage (see :meth:`PeerStrategy._emit`)."""
@@ -43,6 +48,7 @@ class ClientReply:
     metrics: dict[str, float]
     content: RecordDict
     bytes_up: int
+    series: dict[str, list[float]] = field(default_factory=dict)  # list-valued metrics
     shared: dict[str, np.ndarray] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -57,13 +63,21 @@ class PeerStrategy(Strategy):
         architecture group) or ``"all"`` (FedAvg of the whole model inside each group).
     fraction_train, min_train_nodes, fraction_evaluate, min_evaluate_nodes, min_available_nodes:
         Node sampling, as in Flower's FedAvg.
+    evaluate_every:
+        Evaluate every this many rounds, and always in the last round.
     query_timeout:
         Seconds to wait for unknown nodes to answer the identity handshake.
+    node_wait:
+        Seconds to wait for ``min_available_nodes`` before the first round; then
+        :class:`NotEnoughNodes` is raised (``None``: wait for ever).
     on_round:
         Called with one record per round and stage (e.g. to write JSON lines).
     on_round_end:
         Called with the strategy and the round number once a round (train and evaluate) is
         complete, e.g. a :class:`~strategies.checkpoint.Checkpointer`.
+    seed:
+        Seeds client sampling (with the round), so that strategies compared on one seed train
+        and evaluate the same clients in every round.
     """
 
     def __init__(
@@ -75,9 +89,12 @@ class PeerStrategy(Strategy):
         fraction_evaluate: float = 1.0,
         min_evaluate_nodes: int = 1,
         min_available_nodes: int = 1,
+        evaluate_every: int = 1,
         query_timeout: float = 60.0,
+        node_wait: float | None = None,
         on_round: RoundSink | None = None,
         on_round_end: Callable[[PeerStrategy, int], None] | None = None,
+        seed: int = 0,
     ) -> None:
         if share not in p.SHARE_MODES:
             raise ValueError(f"share={share!r}; choose one of {p.SHARE_MODES}")
@@ -94,13 +111,23 @@ class PeerStrategy(Strategy):
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if evaluate_every < 1:
+            raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
+        if node_wait is not None and not node_wait > 0:
+            raise ValueError(f"node_wait must be > 0 or None, got {node_wait}")
         self.share = share
         self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
         self.fraction_evaluate, self.min_evaluate_nodes = fraction_evaluate, min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
+        self.evaluate_every = evaluate_every
         self.query_timeout = query_timeout
+        self.node_wait = node_wait
+        self.last_round: int | None = None  # set by start()
+        self._evaluating = False
+        self._stage_start = 0.0
         self.on_round = on_round
         self.on_round_end = on_round_end
+        self.seed = seed
         self.round_offset = 0  # rounds completed before a resume
         self._quorum = False  # min_available_nodes were connected once
         self._absent: list[str] = []  # known clients that are no longer connected
@@ -143,13 +170,39 @@ class PeerStrategy(Strategy):
             self.min_available_nodes,
         )
 
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's loop; this strategy only needs to know which round is the last."""
+        self.last_round = self.round_offset + num_rounds
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+        )
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` (the run's numbering) has an evaluation stage."""
+        return server_round % self.evaluate_every == 0 or server_round == self.last_round
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, server_round)
+        self._stage_start = time.time()
         self._sampled = nodes
-        self._learn_identities(grid, nodes)
         known = {nid: self.identities[nid] for nid in nodes if nid in self.identities}
         extras = self.train_records(server_round, known)
         base = {**dict(config), **self.train_config(server_round), p.ROUND: server_round}
@@ -196,9 +249,14 @@ class PeerStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        if self.fraction_evaluate == 0.0:
+        self._evaluating = self.fraction_evaluate > 0.0 and self.evaluates(server_round)
+        if not self._evaluating:
+            self._sampled = []
             return []
-        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        nodes = self._sample(
+            grid, self.fraction_evaluate, self.min_evaluate_nodes, server_round, "evaluate"
+        )
+        self._stage_start = time.time()
         base = {**dict(config), p.ROUND: server_round}
         self._sampled = nodes
         for nid in nodes:
@@ -216,8 +274,10 @@ class PeerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         server_round += self.round_offset
-        accepted, dropped = self._parse(replies)
-        metrics = self._emit(server_round, "evaluate", accepted, dropped, {})
+        metrics = None
+        if self._evaluating:
+            accepted, dropped = self._parse(replies)
+            metrics = self._emit(server_round, "evaluate", accepted, dropped, {})
         if self.on_round_end is not None:
             self.on_round_end(self, server_round)
         return metrics
@@ -234,14 +294,24 @@ class PeerStrategy(Strategy):
         log.info("resuming after round %d", self.round_offset)
 
     # ----------------------------------------------------------------- internals
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        """Sample nodes; at the start wait for ``min_available_nodes`` of them, later rounds
-        go on with whoever is connected (clients leave; the run must not hang)."""
+    def _sample(
+        self, grid: Grid, fraction: float, minimum: int, server_round: int, stage: str = "train"
+    ) -> list[int]:
+        """Sample nodes by client identity, with an RNG seeded by ``(seed, round, stage)``: the
+        same seed samples the same clients for every strategy. At the start wait for
+        ``min_available_nodes``; later rounds go on with whoever is connected (clients leave;
+        the run must not hang)."""
+        waited = time.monotonic()
         while True:
             nodes = list(grid.get_node_ids())
             wanted = max(minimum, 1) if self._quorum else self.min_available_nodes
             if len(nodes) >= max(wanted, 1):
                 break
+            if self.node_wait is not None and time.monotonic() - waited > self.node_wait:
+                raise NotEnoughNodes(
+                    f"{len(nodes)} of the {wanted} nodes this federation needs connected "
+                    f"within {self.node_wait:g} s"
+                )
             log.info("waiting for nodes: %d connected, %d wanted", len(nodes), wanted)
             time.sleep(1.0)
         self._quorum = True
@@ -249,8 +319,11 @@ class PeerStrategy(Strategy):
         self._absent = sorted({i.client_id for i in self.identities.values()} - known)
         if self._absent:
             log.info("clients not connected: %s", self._absent)
+        self._learn_identities(grid, nodes)
         size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
-        return sorted(random.sample(nodes, size))
+        by_client = sorted(nodes, key=lambda nid: (nid not in self.identities, self._label(nid)))
+        rng = random.Random(f"{self.seed}/{server_round}/{stage}")
+        return sorted(rng.sample(by_client, size))
 
     def _learn_identities(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes we have not heard from who they are (QUERY handshake)."""
@@ -323,7 +396,7 @@ class PeerStrategy(Strategy):
                 self._check_claim(nid, identity)
                 if identity.client_id in seen:
                     raise PacketError(f"a second reply claims to be {identity.client_id!r}")
-                metrics = _parse_metrics(msg.content)
+                metrics, series = _parse_metrics(msg.content)
             except PacketError as exc:
                 dropped[label] = str(exc)
                 log.warning("dropped reply of %s: %s", label, exc)
@@ -332,7 +405,13 @@ class PeerStrategy(Strategy):
             self._remember(nid, identity)
             accepted.append(
                 ClientReply(
-                    nid, identity, manifest, metrics, msg.content, p.array_bytes(msg.content)
+                    nid,
+                    identity,
+                    manifest,
+                    metrics,
+                    msg.content,
+                    p.array_bytes(msg.content),
+                    series,
                 )
             )
         for nid in self._sampled:
@@ -400,11 +479,17 @@ class PeerStrategy(Strategy):
         dropped: dict[str, str],
         server: dict[str, Any],
     ) -> MetricRecord | None:
-        """Metrics per group and overall (example-weighted), and one record to the sink."""
+        """Metrics per group and overall (example-weighted), and one record to the sink.
+
+        The record's ``server`` entry carries the stage's wall-clock span (``stage_start``,
+        ``stage_end``: seconds since the epoch, from sending the messages to this call).
+        """
+        server = {**server, "stage_start": self._stage_start, "stage_end": time.time()}
         clients = {
             r.identity.client_id: {
                 "group": r.identity.group,
                 **r.metrics,
+                **r.series,
                 "bytes_down": self._bytes_down.get(r.node_id, 0),
                 "bytes_up": r.bytes_up,
             }
@@ -417,6 +502,11 @@ class PeerStrategy(Strategy):
                     "stage": stage,
                     "clients": clients,
                     "dropped": dropped,
+                    "dropped_groups": {
+                        i.client_id: i.group
+                        for i in self.identities.values()
+                        if i.client_id in dropped
+                    },
                     "absent": self._absent,
                     "server": server,
                 }
@@ -440,16 +530,23 @@ class PeerStrategy(Strategy):
         self.group_arrays = state["group_arrays"]
 
 
-def _parse_metrics(content: RecordDict) -> dict[str, float]:
+def _parse_metrics(content: RecordDict) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Finite numbers, and lists of at most 1000 finite numbers (e.g. label counts)."""
     if p.METRICS not in content.metric_records:
         raise PacketError("reply has no 'metrics' record")
-    metrics = {}
+    metrics, series = {}, {}
     for key, value in content.metric_records[p.METRICS].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if _finite(value):
             metrics[key] = float(value)
+        elif isinstance(value, list) and len(value) <= 1000 and all(map(_finite, value)):
+            series[key] = [float(v) if isinstance(v, float) else v for v in value]
     if metrics.get(p.NUM_EXAMPLES, -1) < 0:
         raise PacketError(f"reply metrics have no valid {p.NUM_EXAMPLES!r}")
-    return metrics
+    return metrics, series
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _weighted(replies: list[ClientReply]) -> dict[str, float]:

@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format {state.get('version')!r}, expected {FORMAT_VERSION}"

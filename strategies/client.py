@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -61,14 +62,19 @@ def save_local_model(context: Context, model: nn.Module) -> None:
 
 
 def save_model_file(
-    directory: str | os.PathLike, client_id: str, server_round: int, model: nn.Module
+    directory: str | os.PathLike,
+    client_id: str,
+    server_round: int,
+    model: nn.Module,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Keep the model of ``server_round`` on disk (atomically) and drop older rounds but one."""
+    """Keep the model of ``server_round`` (and ``extra``: tensors, numbers, strings, bytes)
+    on disk, atomically, and drop older rounds but one."""
     folder = Path(directory) / client_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{server_round}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
+    torch.save({"model": model.state_dict(), "extra": dict(extra or {})}, tmp)
     os.replace(tmp, path)
     for old in folder.glob("round-*.pt"):
         if int(old.stem.split("-")[1]) < server_round - 1:
@@ -77,19 +83,22 @@ def save_model_file(
 
 def load_model_file(
     directory: str | os.PathLike, client_id: str, server_round: int, model: nn.Module
-) -> bool:
-    """Restore the model a client saved after ``server_round``; False if there is none."""
+) -> dict[str, Any] | None:
+    """Restore the model a client saved after ``server_round`` and return its ``extra``;
+    None if there is no such file."""
     path = Path(directory) / client_id / f"round-{server_round}.pt"
     if not path.is_file():
-        return False
-    model.load_state_dict(torch.load(path, weights_only=True))
-    return True
+        return None
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"])
+    return saved["extra"]
 
 
 def shared_state(model: nn.Module, layers: Sequence[SelectedLayer], mode: str) -> dict:
     """The floating-point entries of ``model.state_dict()`` a client shares with its group.
 
-    ``"all"``: every one; ``"unselected"``: all but the transfer layers' weights; ``"none"``.
+    ``"all"``: every one; ``"unselected"``: all but the transfer layers' weights (they stay
+    personal); ``"none"``.
     """
     if mode not in p.SHARE_MODES:
         raise ValueError(f"share mode {mode!r}; choose one of {p.SHARE_MODES}")
@@ -121,20 +130,22 @@ def receive(
         model.load_state_dict(group, strict=False)
     if p.MERGED not in content.array_records:
         return {}
-    arrays = p.from_record(content.array_records[p.MERGED])
-    shapes = {layer.name: layer.matrix_shape for layer in layers}
-    unknown = sorted({key.rsplit("/", 1)[0] for key in arrays} - set(shapes))
-    if unknown:
-        raise PacketError(f"merged factors for layers that are not selected: {unknown}")
-    names = {key.rsplit("/", 1)[0] for key in arrays}
+    if p.OWN not in content.array_records:
+        raise PacketError("merged factors came without the own factors they replace")
     config = content.config_records.get(p.CONFIG, ConfigRecord())
-    merged = decode_factors(
-        arrays,
-        {n: shapes[n] for n in names},
-        max_rank=int(config.get(p.ADAPTER_RANK, rank)),
-        what="merged factors",
-    )
-    return install_merged(model, layers, merged, rank)
+    max_rank = int(config.get(p.ADAPTER_RANK, rank))
+    shapes = {layer.name: layer.matrix_shape for layer in layers}
+    factors = []
+    for key, what in ((p.MERGED, "merged factors"), (p.OWN, "own factors")):
+        arrays = p.from_record(content.array_records[key])
+        names = {name.rsplit("/", 1)[0] for name in arrays}
+        unknown = sorted(names - set(shapes))
+        if unknown:
+            raise PacketError(f"{what} for layers that are not selected: {unknown}")
+        shape_of = {n: shapes[n] for n in names}
+        factors.append(decode_factors(arrays, shape_of, max_rank=max_rank, what=what))
+    merged, own = factors
+    return install_merged(model, layers, merged, rank, own=own)
 
 
 def reply(

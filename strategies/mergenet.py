@@ -118,6 +118,7 @@ class MergeNet(PeerStrategy):
             return {}
         targets = [i.client_id for i in identities.values() if not i.send_only]
         merged, self.generation = self.hypernet.generate(self.bank, targets, server_round)
+        own = self.generation.inputs()
         log.info(
             "round %d: merged factors for %d of %d sampled clients",
             server_round,
@@ -125,7 +126,10 @@ class MergeNet(PeerStrategy):
             len(identities),
         )
         return {
-            nid: {p.MERGED: p.to_record(encode_factors(merged[ident.client_id]))}
+            nid: {
+                p.MERGED: p.to_record(encode_factors(merged[ident.client_id])),
+                p.OWN: p.to_record(encode_factors(own[ident.client_id])),
+            }
             for nid, ident in identities.items()
             if ident.client_id in merged
         }
@@ -174,6 +178,18 @@ class MergeNet(PeerStrategy):
 
     def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
         stats: dict[str, Any] = {}
+        if self.generation is not None and self.generation.diagnostics:
+            # Who learns from whom: measured on the factors this round's clients were sent.
+            stats["targets"] = self.generation.diagnostics
+            stats["lambda"] = self.hypernet.adapter.mixtures()
+            effects = [d["transfer_effect"] for t in stats["targets"].values() for d in t.values()]
+            log.info(
+                "round %d: transfer_effect mean %.3g, max %.3g over %d target layers",
+                server_round,
+                sum(effects) / len(effects),
+                max(effects),
+                len(effects),
+            )
         pieces = {r.identity.client_id: r.extras["pieces"] for r in replies if "pieces" in r.extras}
         if self.generation is not None and pieces:
             stats = self.hypernet.update(self.generation, pieces)

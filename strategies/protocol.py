@@ -1,7 +1,8 @@
 """The wire protocol shared by the strategies and the client helpers: record names and codecs.
 
 Server -> client (``TRAIN``): ``config`` (ConfigRecord), and when there is something to send,
-``merged`` (merged factors ``"<layer>/A"``, ``"<layer>/B"``) and ``group-arrays`` (the
+``merged`` (merged factors ``"<layer>/A"``, ``"<layer>/B"``) with ``own`` (the target
+factors the adapter was given, which the client subtracts), and ``group-arrays`` (the
 architecture group's averaged parameters).
 
 Client -> server: ``identity`` (ConfigRecord: ``client-id``, ``group``, ``send-only`` and the
@@ -21,6 +22,7 @@ from mergenet_fl import PacketError
 
 CONFIG = "config"
 MERGED = "merged"
+OWN = "own"
 GROUP_ARRAYS = "group-arrays"
 IDENTITY = "identity"
 METRICS = "metrics"

@@ -104,12 +104,14 @@ class TinyClient:
 class FakeGrid:
     """Delivers each message to its node's handler (a :class:`TinyClient`, or a real
     ClientApp via :func:`app_nodes`). Node ids are random 64-bit numbers, as in Flower;
-    ``drop`` nodes never answer; ``tamper`` may rewrite replies."""
+    ``drop`` nodes never answer; ``lose`` nodes run the message but their reply is lost;
+    ``tamper`` may rewrite replies."""
 
     def __init__(self, handlers: Iterable[Callable[[Message], Message]], seed: int = 0) -> None:
         rng = random.Random(seed)
         self.nodes = {rng.getrandbits(63): h for h in handlers}
         self.drop: set[int] = set()
+        self.lose: set[int] = set()
         self.tamper: Callable[[int, Message], Message] | None = None
         self.sent: list[Message] = []
         self.replies: list[Message] = []
@@ -133,6 +135,8 @@ class FakeGrid:
                 reply = self.nodes[nid](msg)
             except Exception as exc:  # what the ClientApp runtime turns into an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if nid in self.lose:
+                continue
             if self.tamper is not None and not reply.has_error():
                 reply = self.tamper(nid, reply)
             replies.append(reply)

@@ -1,5 +1,9 @@
 """The server benchmark runs and reports what the issue asks for (numbers are not checked)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from simulations.bench_server import run_one
@@ -15,3 +19,32 @@ def test_bench_reports_one_transfer_round():
     expected = 3 * 4 * (768 + 768) / (2 * 768 * 768)
     assert result["ratio_by_group"]["bert_value"] == pytest.approx(expected, abs=1e-4)
     assert 0 < result["bytes_per_client"] < result["bytes_full"]
+
+
+def test_rounds_benchmark_measures_the_critical_path():
+    from simulations.bench_rounds import measure
+
+    def span(rnd, stage, start, end):
+        return {"round": rnd, "stage": stage, "server": {"stage_start": start, "stage_end": end}}
+
+    lines = [  # round 1 (the warm-up) is left out
+        {"round": 1, "stage": "train", "client": "a", "group": "g", "train_seconds": 9.0},
+        span(1, "train", 90.0, 100.0),
+        {"round": 2, "stage": "train", "client": "a", "group": "g", "train_seconds": 2.0},
+        {"round": 2, "stage": "train", "client": "b", "group": "h", "train_seconds": 3.0},
+        {"round": 2, "stage": "train", "client": "c", "dropped": "no reply"},
+        span(2, "train", 100.2, 104.0),
+        {"round": 2, "stage": "evaluate", "client": "a", "group": "g", "eval_seconds": 0.5},
+        span(2, "evaluate", 104.0, 105.0),
+    ]
+    wall, compute = measure(lines)
+    assert wall == 5.0 and compute == 3.5  # the slowest client of each stage
+
+
+def test_flower_floor_scenario_prints_its_numbers():
+    cmd = [sys.executable, "-m", "simulations.bench_rounds", "--scenarios", "flower-floor"]
+    proc = subprocess.run([*cmd, "--rounds", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "flower-floor" and result["rounds"] == 2
+    assert result["compute_s"] == 0.0 and 0 < result["wall_s"] < 60

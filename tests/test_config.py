@@ -13,7 +13,7 @@ def test_string_and_list_overrides_compose_the_same_config():
     b = compose(["strategy=mergenet", "adapter=mlp", "num_rounds=5"])
     assert a == b and a.raw == b.raw
     assert a.adapter["variant"] == "mlp" and a.num_rounds == 5
-    assert a.name == "mergenet-mlp-T1-share-unselected"
+    assert a.name == "mergenet-mlp-T1-share-all"
     hn = a.hypernet()
     assert hn.adapter.variant == "mlp" and hn.adapter.rank == a.rank
 
@@ -25,10 +25,10 @@ def test_group_targets_follow_share_unless_set():
     assert explicit.hypernet().group_targets
 
 
-def test_default_federation_is_heterogeneous():
+def test_default_federation_is_heterogeneous_and_fits_flowers_local_simulation():
     cfg = compose()
-    assert cfg.num_clients >= 3
-    assert len({c.arch for c in cfg.clients}) >= 3
+    assert cfg.num_clients == 2  # plain `flwr run .` simulates 2 SuperNodes
+    assert len({c.arch for c in cfg.clients}) == 2
     assert {c.task for c in cfg.clients} >= {"image_classification", "text_classification"}
 
 
@@ -71,13 +71,14 @@ def test_workload_of_a_synthetic_client():
     work = build_workload(compose("federation=tiny"), 2)
     assert work.identity.client_id == "client-2" and work.identity.group == "bert-text"
     assert [layer.name for layer in work.layers] == ["bert.encoder.layer.1.attention.self.value"]
-    assert len(work.train_set) == 64 and len(work.eval_set) == 64
+    assert len(work.train_set) == 128 and len(work.eval_set) == 128
+    assert sum(work.data.label_counts) == 128 and len(work.data.label_counts) == 2
 
 
 def test_validation_rows_are_training_rows_no_client_holds():
     test_mode = compose("federation=tiny")
     val_mode = compose("federation=tiny eval_split=validation")
-    images = data.synthetic_images(2000, 4, seed=0)[0]
+    images = data.synthetic_images(2500, 4, seed=0)[0][:2000]  # the training rows
     rows = {image.tobytes(): i for i, image in enumerate(images)}
     assert len(rows) == len(images)
 
@@ -90,7 +91,7 @@ def test_validation_rows_are_training_rows_no_client_holds():
         assert torch.equal(work.train_set.images, val_work.train_set.images)
         held |= row_ids(val_work.train_set)
     validation = row_ids(build_workload(val_mode, 0).eval_set)
-    assert len(validation) == 64 and not validation & held
+    assert len(validation) == 128 and not validation & held
 
 
 @needs_real_data

@@ -225,8 +225,9 @@ def test_generated_garbage_never_crashes_or_changes_state(transfer_round, conten
     strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     after = (adapter_state(strategy), strategy.bank.state_dict(), dict(strategy.group_arrays))
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
-    assert before[1].keys() == after[1].keys()
-    assert all(before[1][c]["round"] == after[1][c]["round"] for c in before[1])
+    entries, again = before[1]["entries"], after[1]["entries"]
+    assert entries.keys() == again.keys()
+    assert all(entries[c]["round"] == again[c]["round"] for c in entries)
     assert before[2].keys() == after[2].keys()
 
 

@@ -257,7 +257,35 @@ def test_bank_checks_groups_forgets_and_summarises():
 def test_hypernet_config_errors():
     with pytest.raises(ValueError, match="optimizer='lbfgs'"):
         HypernetConfig(optimizer="lbfgs")
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        HypernetConfig(lr=0)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        HypernetConfig(lr=-1e-3)
     with pytest.raises(ValueError, match="chunk_size"):
         HypernetConfig(chunk_size=0)
+
+
+def test_transfer_effect_is_zero_untrained_and_grows_as_the_adapter_learns():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL, lr=1e-2, max_grad_norm=None))
+    _, generation = hn.generate(bank, list(bank), round=2)
+    diag = generation.diagnostics
+    assert set(diag) == {"r0", "r1", "m0", "t0"}  # every target, none for the send-only peer
+    assert all(d["transfer_effect"] == 0.0 for t in diag.values() for d in t.values())
+    # attention over source groups: a distribution, over the groups that are sources
+    resnet = diag["r0"]["fc"]["attention"]
+    assert set(resnet) == {"resnet", "mbv2", "bert", "teacher"}
+    assert sum(resnet.values()) == pytest.approx(1.0)
+    assert "mbv2" not in diag["m0"]["cls"]["attention"]  # a lone member is no source of itself
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        merged, generation = hn.generate(bank, list(bank), round=2)
+        pieces = {
+            c: {n: tuple(torch.randn(t.shape, generator=gen) for t in f) for n, f in ls.items()}
+            for c, ls in merged.items()
+        }
+        stats = hn.update(generation, pieces)
+        assert stats["step_norm"] > 0
+    _, generation = hn.generate(bank, list(bank), round=3)
+    effects = [d["transfer_effect"] for t in generation.diagnostics.values() for d in t.values()]
+    assert min(effects) > 0
+    lam = hn.adapter.mixtures()
+    assert len(lam) == 1 and all(sum(f) == pytest.approx(1.0) for f in lam[0])

@@ -133,3 +133,32 @@ def test_factor_encoding_round_trip():
     factors = {"x": (torch.randn(3, 2), torch.randn(2, 5))}
     back = decode_factors(encode_factors(factors), {"x": (3, 5)}, max_rank=2)
     assert torch.equal(back["x"][0], factors["x"][0]) and torch.equal(back["x"][1], factors["x"][1])
+
+
+def test_aligned_signs_do_not_flip_under_a_small_weight_change():
+    from mergenet_fl import KnowledgeBank, KnowledgePacket, LayerFactors, align_signs
+
+    gen = torch.Generator().manual_seed(0)
+    # Singular vectors whose entries are nearly equal in magnitude (as in a classifier whose
+    # classes are alike): the largest-entry rule then flips with any small change.
+    h = torch.tensor([[1.0]])
+    for _ in range(3):
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    v, _ = torch.linalg.qr(torch.randn(64, 8, generator=gen))
+    w = (h / 8**0.5) @ torch.diag(torch.linspace(8, 1, 8)) @ v.T  # (8, 64)
+    bank = KnowledgeBank()
+    flips_fixed_rule = flips_aligned = 0
+    last_fixed = last_aligned = None
+    for step in range(50):
+        w = w + 1e-3 * w.abs().mean() * torch.randn(8, 64, generator=gen)
+        a, b = factorize(w, 8)
+        aligned = a if last_aligned is None else align_signs(a, b, last_aligned)[0]
+        if last_fixed is not None:
+            flips_fixed_rule += int(((a * last_fixed).sum(0) < 0).sum())
+            flips_aligned += int(((aligned * last_aligned).sum(0) < 0).sum())
+            assert torch.allclose(aligned @ align_signs(a, b, last_aligned)[1], a @ b)
+        last_fixed, last_aligned = a, aligned
+        packet = KnowledgePacket({"fc": LayerFactors(a, b, (8, 64), "linear")})
+        bank.put("c", packet, group="g", round=step)
+    assert flips_aligned == 0 < flips_fixed_rule
+    assert torch.equal(bank.get("c").packet.layers["fc"].a, last_aligned)  # the bank aligns too

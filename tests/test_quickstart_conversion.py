@@ -68,9 +68,9 @@ def test_converted_app_runs_with_mergenet():
     for later in rounds[1:]:  # transfer rounds: every client answered with gradient pieces
         assert all(p.PIECES in r.content.array_records for r in later)
         assert all(set(r.content.array_records[p.PIECES]) == {"fc2/A", "fc2/B"} for r in later)
-    # FedAvg of the non-transfer parameters: fc1 travels, fc2.weight does not
+    # FedAvg of the whole model inside the group (share="all"), the transfer layer included
     shared = rounds[0][0].content.array_records[p.SHARED]
-    assert set(shared) == {"fc1.weight", "fc1.bias", "fc2.bias"}
+    assert set(shared) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     evals = [r for r in grid.replies if r.metadata.message_type == MessageType.EVALUATE]
     assert len(evals) == 9 and all(
         r.content.metric_records[p.METRICS]["accuracy"] > 0.5 for r in evals[-3:]

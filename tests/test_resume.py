@@ -45,7 +45,7 @@ def final_metrics(run_dir: Path) -> dict:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         (x["round"], x["stage"], x["client"]): {
-            k: v for k, v in x.items() if k not in ("seconds", "train_seconds", "mergenet_seconds")
+            k: v for k, v in x.items() if not k.endswith("seconds")
         }
         for x in lines
         if "client" in x

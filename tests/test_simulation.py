@@ -35,7 +35,7 @@ def test_three_heterogeneous_clients_two_rounds(tmp_path):
             ]
     round2 = [x for x in clients if x["stage"] == "train" and x["round"] == 2]
     assert all(x["bytes_down"] > 0 and x["bytes_up"] > 0 for x in round2)  # merged factors, pieces
-    server = [x["server"] for x in lines if "server" in x]
+    server = [x["server"] for x in lines if "server" in x and x["stage"] == "train"]
     assert server[1]["pieces"] == 3.0 and server[1]["transfer"] is True
     summary = (run_dir / "summary.md").read_text()
     assert "| resnet8-images | 1 | accuracy |" in summary

@@ -15,8 +15,10 @@ from simulations.tasks import (
     TASKS,
     Task,
     TrainConfig,
+    TrainState,
     decode_best_span,
     get_task,
+    plan_batches,
     squad_exact_match,
     squad_f1,
     squad_normalize,
@@ -106,7 +108,8 @@ def test_image_training_lowers_loss(image_data):
     before = task.evaluate(model, eval_ds, batch_size=80)
     result = task.train(model, train_ds, epochs=6, batch_size=16, lr=0.05, seed=0)
     after = task.evaluate(model, eval_ds, batch_size=80)
-    assert set(result) == {"train_loss", "train_seconds", "num_examples"}
+    assert set(result) == {"train_loss", "train_steps", "train_seconds", "num_examples"}
+    assert result["train_steps"] == 6 * 10
     assert result["num_examples"] == 160 and result["train_seconds"] > 0
     assert after["loss"] < before["loss"] - 0.5
     assert after["accuracy"] > 0.9
@@ -120,9 +123,12 @@ def test_mobilenet_eval_after_short_training_uses_recalibrated_batchnorm(image_d
     task = get_task("image_classification")
     model = build_model("mobilenet_v2_small", 4, seed=0)
     first = task.train(model, train_ds, epochs=1, batch_size=16, lr=0.02, seed=0)
-    last = task.train(model, train_ds, epochs=3, batch_size=16, lr=0.02, seed=1)
+    task.train(model, train_ds, epochs=2, batch_size=16, lr=0.02, seed=1)
+    last = task.train(model, train_ds, epochs=1, batch_size=16, lr=0.02, seed=2)
     assert last["train_loss"] < 0.75 * first["train_loss"]
-    after = task.evaluate(model, eval_ds, batch_size=80)
+    running = {k: v.clone() for k, v in model.state_dict().items()}
+    after = task.evaluate(model, eval_ds, batch_size=80, calibrate_on=train_ds)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())  # a copy
     assert after["loss"] < 2 * last["train_loss"] + 0.5
     assert after["accuracy"] > 0.5
 
@@ -146,7 +152,9 @@ def test_qa_training_lowers_loss_and_raises_f1(tokenizer):
     before = task.evaluate(model, ds, batch_size=48)
     task.train(model, ds, epochs=4, batch_size=16, lr=1e-3, seed=0)
     after = task.evaluate(model, ds, batch_size=48)
-    assert set(after) == {"loss", "em", "f1", "num_examples"}
+    assert set(after) == {"loss", "em", "f1", "chance", "top_share", "eval_seconds", "num_examples"}
+    impossible = sum(not e.answer_texts for e in ds.examples) / len(ds)
+    assert after["chance"] == pytest.approx(impossible)
     assert after["loss"] < before["loss"] - 0.5
     assert after["f1"] > before["f1"]
 
@@ -166,6 +174,78 @@ def test_training_is_deterministic_and_keeps_global_rng(image_data):
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
     assert not torch.equal(states[0]["fc.weight"], other.state_dict()["fc.weight"])
+
+
+class _Recording(torch.utils.data.Dataset):
+    """Rows 0..n-1 as tiny images; remembers which rows were read."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.read = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        return torch.full((3, 32, 32), float(i % 4)), torch.tensor(i % 4)
+
+
+def test_local_steps_continue_where_the_last_round_stopped_and_cover_the_partition():
+    data, state = _Recording(40), TrainState()
+    task = get_task("image_classification")
+    model = build_model("resnet8", 4, seed=0)
+    visited = []
+    for rnd in range(3):  # 3 rounds of 4 batches of 8 rows; an epoch is 5 batches
+        data.read.clear()
+        out = task.train(model, data, steps=4, batch_size=8, seed=rnd, data_seed=5, state=state)
+        assert out["train_steps"] == 4
+        visited.append(data.read[: 4 * 8])  # BatchNorm re-estimation reads them again
+    epoch0 = visited[0] + visited[1][:8]
+    assert sorted(epoch0) == list(range(40))  # the first 5 batches are one whole epoch
+    assert (state.epoch, state.batch) == (2, 2)  # 12 batches: epochs 0 and 1, then 2 of 2
+    epoch1 = visited[1][8:] + visited[2][:16]
+    assert sorted(epoch1) == list(range(40)) and epoch1 != epoch0  # epoch 1, another order
+    assert visited[1][8:16] != visited[0][:8]
+    assert state.optimizer is not None and state.optimizer["state"]  # momentum carried on
+
+
+def test_plan_batches_is_deterministic_in_the_data_seed():
+    first = plan_batches(10, 4, 6, TrainState(), data_seed=1)
+    assert first == plan_batches(10, 4, 6, TrainState(), data_seed=1)
+    assert [len(b) for b in first] == [4, 4, 2, 4, 4, 2]
+    assert first != plan_batches(10, 4, 6, TrainState(), data_seed=2)
+
+
+def test_optimizer_state_makes_split_rounds_equal_one_long_round(image_data):
+    _, plain = image_data  # no augmentation: the same batches give the same steps
+    task = get_task("image_classification")
+    data = Subset(plain, range(48))
+    whole, split, fresh = (build_model("resnet8", 4, seed=0) for _ in range(3))
+    task.train(whole, data, steps=6, batch_size=8, seed=0, data_seed=3)
+    state = TrainState()
+    for _ in range(2):
+        task.train(split, data, steps=3, batch_size=8, seed=0, data_seed=3, state=state)
+    restart = TrainState()
+    for _ in range(2):  # the place in the data is kept, the momentum is not
+        task.train(fresh, data, steps=3, batch_size=8, seed=0, data_seed=3, state=restart)
+        restart.optimizer = None
+    assert torch.allclose(whole.fc.weight, split.fc.weight, atol=1e-6)
+    assert not torch.allclose(whole.fc.weight, fresh.fc.weight, atol=1e-3)
+
+
+def test_evaluate_reports_chance_and_a_model_stuck_on_one_class(image_data):
+    _, eval_ds = image_data
+    task = get_task("image_classification")
+    model = build_model("resnet8", 4, seed=0)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # always class 2
+    out = task.evaluate(model, eval_ds, batch_size=64)
+    labels = torch.stack([eval_ds[i][1] for i in range(len(eval_ds))])
+    assert out["chance"] == pytest.approx(labels.bincount().max().item() / len(labels))
+    assert out["top_share"] == 1.0
+    assert out["accuracy"] == pytest.approx((labels == 2).float().mean().item())
+    assert out["eval_seconds"] > 0
 
 
 def test_empty_dataset_reports_zero_examples(image_data):

@@ -88,5 +88,5 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    strategy = MergeNet(share="unselected", min_available_nodes=2)
+    strategy = MergeNet(share="all", min_available_nodes=2)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=3)

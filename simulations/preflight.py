@@ -1,0 +1,75 @@
+"""Check a whole federation before anything starts: every problem, listed at once.
+
+A broken client would otherwise fail inside the simulation engine in every round while the
+run goes on without it. :func:`preflight` builds each architecture on the meta device (no
+memory, no time), selects its layers, checks tasks, datasets and their files (sha256), and the
+folder a run resumes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mergenet_fl import as_spec, select_layers
+from simulations import data as D
+from simulations.config import ConfigError, ExperimentConfig
+from simulations.federation import DATASETS, IMAGE_DATASETS, QA_DATASETS, SYNTHETIC_CLASSES
+from simulations.models import ARCHITECTURES
+from simulations.tasks import TASKS
+
+NUM_CLASSES = {"cifar10": 10, "sst2": 2, "imdb": 2, "agnews": 4, "squad2": 2, **SYNTHETIC_CLASSES}
+
+
+def task_of_dataset(dataset: str) -> str:
+    if dataset in IMAGE_DATASETS:
+        return "image_classification"
+    return "extractive_qa" if dataset in QA_DATASETS else "text_classification"
+
+
+def problems(cfg: ExperimentConfig) -> list[str]:
+    """Everything that would make a client of ``cfg`` fail, one line each."""
+    found: list[str] = []
+    for i, group in enumerate(cfg.clients):
+        where = f"federation.clients[{i}] ({group.group})"
+        known = True
+        if group.arch not in ARCHITECTURES:
+            found.append(f"{where}: unknown arch {group.arch!r}; known: {sorted(ARCHITECTURES)}")
+            known = False
+        if group.task not in TASKS:
+            found.append(f"{where}: unknown task {group.task!r}; known: {sorted(TASKS)}")
+            known = False
+        if group.dataset not in DATASETS:
+            found.append(f"{where}: unknown dataset {group.dataset!r}; known: {list(DATASETS)}")
+            known = False
+        if not known:
+            continue
+        arch_task = ARCHITECTURES[group.arch].task
+        if arch_task != group.task or task_of_dataset(group.dataset) != group.task:
+            found.append(
+                f"{where}: arch {group.arch!r} solves {arch_task}, dataset {group.dataset!r} "
+                f"needs {task_of_dataset(group.dataset)}, and the group says {group.task}"
+            )
+            continue
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = ARCHITECTURES[group.arch].builder(NUM_CLASSES[group.dataset])
+        try:
+            select_layers(model, as_spec(group.layers, group.exclude))
+        except ValueError as exc:
+            found.append(f"{where}: layers {list(group.layers)}: {exc}")
+    for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
+        found += D.check_dataset_files(dataset, cfg.data_dir)
+    if cfg.resume and not (Path(cfg.resume).expanduser() / "server.ckpt").is_file():
+        found.append(
+            f"resume={cfg.resume!r}: no checkpoint (server.ckpt) there; resume takes the folder "
+            "of a run started with checkpoint=true"
+        )
+    return found
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Raise :class:`~simulations.config.ConfigError` listing every problem of ``cfg``."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("the federation cannot run:\n  - " + "\n  - ".join(found))

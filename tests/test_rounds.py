@@ -1,0 +1,140 @@
+"""Rounds that cost what their training costs: cached client data, evaluation schedule,
+waiting for nodes, and runs whose clients fail."""
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType
+
+from harness import FakeGrid, TinyClient, app_nodes, needs_real_data, set_task_identity
+from simulations import federation
+from simulations.cache import KeyedCache, file_digest
+from simulations.client_app import make_client_app
+from simulations.config import compose
+from simulations.server_app import RunFailed, run_server
+from strategies import LocalOnly
+from strategies.base import NotEnoughNodes
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    set_task_identity()
+
+
+def test_keyed_cache_builds_once_then_serves_memory_and_disk(tmp_path, caplog):
+    built = []
+
+    def build():
+        built.append(1)
+        return {"rows": torch.arange(5)}
+
+    cache = KeyedCache("things", lambda: tmp_path)
+    first = cache.get({"a": 1}, build)
+    assert cache.get({"a": 1}, build) is first and len(built) == 1
+    other_process = KeyedCache("things", lambda: tmp_path)  # memory empty, disk warm
+    assert torch.equal(other_process.get({"a": 1}, build)["rows"], first["rows"])
+    assert len(built) == 1
+    other_process.get({"a": 2}, build)  # other key parts: built again
+    assert len(built) == 2
+    for path in (tmp_path / "things").iterdir():
+        path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        KeyedCache("things", lambda: tmp_path).get({"a": 1}, build)
+    assert len(built) == 3 and "ignoring cache entry" in caplog.text
+
+
+def test_a_changed_data_file_or_config_changes_the_key(tmp_path, monkeypatch):
+    data_file = tmp_path / "train.tsv"
+    data_file.write_text("a\t1\n")
+    monkeypatch.setattr(federation.D, "dataset_files", lambda name, data_dir: [data_file])
+    cfg = compose("federation=tiny")
+    before = federation._data_parts(cfg, "synthetic-images", 0)
+    assert before == federation._data_parts(cfg, "synthetic-images", 0)
+    time.sleep(0.01)
+    data_file.write_text("a\t0\n")
+    digest = file_digest(data_file)
+    after = federation._data_parts(cfg, "synthetic-images", 0)
+    assert after != before and digest in after["files"].values()
+    other = compose("federation=tiny federation.alpha=0.3")
+    assert federation._data_parts(other, "synthetic-images", 0) != after
+    assert federation._data_parts(cfg, "synthetic-images", 1) != after
+
+
+def test_a_workload_is_built_once_per_process():
+    cfg = compose("federation=tiny")
+    first = federation.build_workload(cfg, 0)
+    assert federation.build_workload(cfg, 0) is first
+    assert federation.build_workload(compose("federation=tiny seed=1"), 0) is not first
+
+
+@needs_real_data
+def test_partitions_are_disjoint_with_the_cache_on_and_survive_a_new_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGENET_CACHE_DIR", str(tmp_path))
+    cfg = compose("federation=study federation.examples_per_client=64")
+    rows = [federation.build_workload(cfg, pid).data.train_rows for pid in range(4)]
+    assert all(len(r) == 64 for r in rows)
+    assert len(np.unique(np.concatenate(rows))) == 4 * 64
+    assert list((tmp_path / "client-data").iterdir())
+    monkeypatch.setattr(federation, "_DATA", KeyedCache("client-data", lambda: tmp_path))
+    monkeypatch.setattr(federation, "_WORKLOADS", KeyedCache("workloads"))
+    again = federation.build_workload(cfg, 2).data
+    assert np.array_equal(again.train_rows, rows[2])
+    first = federation._DATA.get(federation._data_parts(cfg, "cifar10", 2), pytest.fail)
+    assert torch.equal(first.train_set.images, again.train_set.images)
+
+
+def clients():
+    return [TinyClient(f"m{i}", "mlp", i) for i in range(3)]
+
+
+def test_evaluation_every_k_rounds_and_always_at_the_last():
+    records = []
+    strategy = LocalOnly(evaluate_every=2, on_round=records.append)
+    grid = FakeGrid(clients())
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=5, timeout=5)
+    evaluated = sorted({r["round"] for r in records if r["stage"] == "evaluate"})
+    assert evaluated == [2, 4, 5]
+    assert [r["round"] for r in records if r["stage"] == "train"] == [1, 2, 3, 4, 5]
+    kinds = [m.metadata.message_type for m in grid.sent]
+    assert kinds.count(MessageType.EVALUATE) == 3 * 3
+    assert all(not r["dropped"] for r in records)
+
+
+def test_too_few_nodes_stop_the_run_instead_of_waiting_for_ever():
+    strategy = LocalOnly(min_available_nodes=4, node_wait=0.5)
+    start = time.perf_counter()
+    with pytest.raises(NotEnoughNodes, match="3 of the 4 nodes"):
+        strategy.start(grid=FakeGrid(clients()), initial_arrays=ArrayRecord(), num_rounds=1)
+    assert time.perf_counter() - start < 5
+
+
+def failing_node(handler, kind=MessageType.TRAIN):
+    def node(msg: Message) -> Message:
+        if msg.metadata.message_type == kind:
+            raise RuntimeError("disk on fire")
+        return handler(msg)
+
+    return node
+
+
+def test_a_client_that_fails_every_round_fails_the_run_and_is_named(tmp_path):
+    cfg = compose("federation=tiny num_rounds=2 strategy=local")
+    nodes = app_nodes(make_client_app(lambda context: cfg), cfg.num_clients)
+    nodes[1] = failing_node(nodes[1])
+    with pytest.raises(RunFailed, match="client-1: error reply: RuntimeError: disk on fire"):
+        run_server(FakeGrid(nodes), cfg, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "mbv2-images" in summary and "disk on fire" in summary
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+
+
+def test_failed_clients_can_be_allowed(tmp_path):
+    cfg = compose("federation=tiny num_rounds=1 strategy=local allow_failed_clients=true")
+    nodes = app_nodes(make_client_app(lambda context: cfg), cfg.num_clients)
+    nodes[1] = failing_node(nodes[1])
+    run_server(FakeGrid(nodes), cfg, tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "ok"
