@@ -28,7 +28,8 @@ source tokens gives the update, so the target's own factors do not shape it).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -399,11 +400,22 @@ class LPKA(nn.Module):
             return []
         return [ktl.mixture().tolist() for ktl in self.body]
 
+    @contextmanager
+    def capturing(self, enabled: bool = True) -> Iterator[None]:
+        """Forward passes inside keep each branch's attention for :meth:`attention_shares`."""
+        ktls = [] if isinstance(self.body, SourceMLP) else list(self.body)
+        for ktl in ktls:
+            ktl.capture = enabled
+        try:
+            yield
+        finally:
+            for ktl in ktls:
+                ktl.capture = False
+
     @torch.no_grad()
-    def attention_shares(
-        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens, num_sources: int
-    ) -> torch.Tensor | None:
-        """How much attention each source layer receives: ``(N, num_sources)``, rows sum to 1.
+    def attention_shares(self, sources: SourceTokens, num_sources: int) -> torch.Tensor | None:
+        """How much attention each source layer received in the last forward pass (run under
+        :meth:`capturing`): ``(N, num_sources)``, rows sum to 1.
 
         The attention of every branch of every KTL, averaged over heads and query tokens,
         weighted by the branch's ``λ``, summed over each source's tokens and averaged over the
@@ -411,24 +423,22 @@ class LPKA(nn.Module):
         """
         if isinstance(self.body, SourceMLP):
             return None
-        branches = [
-            (ktl, fi, ci, ktl.branches[f"{f}_{qr}_{kr}"], (f, kr))
-            for ktl in self.body
-            for fi, f in enumerate(FACTORS)
-            for ci, (qr, kr) in enumerate(self.cfg.combos)
-        ]
+        total = None
         for ktl in self.body:
-            ktl.capture = True
-        try:
-            self(a, b, sources)
-        finally:
-            for ktl in self.body:
-                ktl.capture = False
-        shares = torch.zeros(a.shape[0], num_sources)
-        for ktl, fi, ci, branch, key in branches:
-            owners = torch.cat(sources.owners[key]).to(branch.attention.device)
-            per_source = torch.zeros(a.shape[0], num_sources, device=owners.device)
-            per_source.index_add_(1, owners, branch.attention.float())
-            shares += ktl.mixture()[fi, ci].item() * per_source.cpu() / len(FACTORS)
-            branch.attention = None
-        return shares / len(self.body)
+            lam = ktl.mixture()
+            for fi, f in enumerate(FACTORS):
+                for ci, (qr, kr) in enumerate(self.cfg.combos):
+                    branch = ktl.branches[f"{f}_{qr}_{kr}"]
+                    if branch.attention is None:
+                        raise RuntimeError(
+                            "attention_shares needs a forward pass under capturing()"
+                        )
+                    owners = torch.cat(sources.owners[(f, kr)]).to(branch.attention.device)
+                    shares = torch.zeros(
+                        branch.attention.shape[0], num_sources, device=owners.device
+                    )
+                    shares.index_add_(1, owners, branch.attention.float())
+                    part = lam[fi, ci].item() * shares.cpu() / len(FACTORS)
+                    total = part if total is None else total + part
+                    branch.attention = None
+        return total / len(self.body)

@@ -257,7 +257,8 @@ class Hypernetwork:
             sources = job.sources.to(self.device)
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
-                out_a, out_b = self.adapter(a, b, sources)
+                with self.adapter.capturing(self.cfg.diagnostics):
+                    out_a, out_b = self.adapter(a, b, sources)
                 stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
@@ -276,7 +277,8 @@ class Hypernetwork:
     ) -> list[dict]:
         """Per target row: ``transfer_effect`` = ‖merged − merged from its own group alone‖ /
         ‖its own low-rank part‖ (0 when the other groups change nothing), and the share of
-        attention each source group receives."""
+        attention each source group received (in the pass that made ``out_a, out_b``)."""
+        shares = self.adapter.attention_shares(job.sources, len(job.source_groups))
         own = [i for i, g in enumerate(job.source_groups) if g == job.group]
         if own:
             own_sources = SourceTokens.build(
@@ -288,9 +290,6 @@ class Hypernetwork:
         effect = torch.linalg.matrix_norm(out_a @ out_b - ref_a @ ref_b) / torch.linalg.matrix_norm(
             a @ b
         ).clamp_min(1e-12)
-        shares = self.adapter.attention_shares(
-            a, b, job.sources.to(self.device), len(job.source_groups)
-        )
         out = []
         for i in range(a.shape[0]):
             attention: dict[str, float] = {}

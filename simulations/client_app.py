@@ -4,13 +4,15 @@ The node's architecture, task and data follow from its ``partition-id`` (node co
 composed experiment config. A real SuperNode may also set ``client-id`` in its node config.
 What a client derives from the config (data, tokenizer, model) is built once per process
 (:func:`simulations.federation.build_workload`), at the identity handshake before round 1;
-its weights, optimiser state and place in its data live in ``context.state``.
+its weights, optimiser state and place in its data live in ``context.state`` (the process
+reloads them only when another process wrote them last).
 """
 
 from __future__ import annotations
 
 import io
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,14 +29,26 @@ from strategies import protocol as p
 TRAIN_STATE_KEY = "mergenet.train-state"
 
 
-def load_train_state(context: Context) -> TrainState:
-    """The client's place in its data and optimiser state (fresh before its first round)."""
+def sync(context: Context, work: Workload) -> None:
+    """Bring the process's model and train state of this client to what ``context.state``
+    holds: skipped when this process wrote that state itself (the token matches)."""
     record = context.state.config_records.get(TRAIN_STATE_KEY)
-    return TrainState() if record is None else _decode_train_state(dict(record))
+    token = None if record is None else record.get("token")
+    if token is not None and work.synced == token:
+        return
+    if not mc.load_local_model(context, work.model):
+        work.reset_model()
+    work.train_state = TrainState() if record is None else _decode_train_state(dict(record))
+    work.synced = token
 
 
-def save_train_state(context: Context, state: TrainState) -> None:
-    context.state.config_records[TRAIN_STATE_KEY] = ConfigRecord(_encode_train_state(state))
+def save(context: Context, work: Workload) -> None:
+    """Keep the model and train state in ``context.state`` under a new token."""
+    token = uuid.uuid4().hex
+    mc.save_local_model(context, work.model)
+    values = {**_encode_train_state(work.train_state), "token": token}
+    context.state.config_records[TRAIN_STATE_KEY] = ConfigRecord(values)
+    work.synced = token
 
 
 def _encode_train_state(state: TrainState) -> dict[str, Any]:
@@ -59,8 +73,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     def workload(context: Context) -> tuple[ExperimentConfig, Workload]:
         cfg = config_for(context)
         work = build_workload(cfg, *node(context))
-        if not mc.load_local_model(context, work.model):
-            work.reset_model()
+        sync(context, work)
         return cfg, work
 
     @app.query()
@@ -73,15 +86,15 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     def train(msg: Message, context: Context) -> Message:
         entered = time.perf_counter()
         cfg, work = workload(context)
+        work.synced = None  # until saved: a failure below must not leave a half-trained model
         config = msg.content.config_records[p.CONFIG]
         server_round = int(config[p.ROUND])
         state_dir = config.get(p.CLIENT_STATE_DIR)
         client_id = work.identity.client_id
-        state = load_train_state(context)
         if state_dir and not mc.has_local_model(context):  # a restarted run: back from disk
             saved = mc.load_model_file(str(state_dir), client_id, server_round - 1, work.model)
             if saved:
-                state = _decode_train_state(saved)
+                work.train_state = _decode_train_state(saved)
         start = time.perf_counter()
         installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
         overhead = time.perf_counter() - start
@@ -95,14 +108,13 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             batch_size=cfg.batch_size,
             seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
             data_seed=cfg.seed * 100_003 + partition_id * 1009,
-            state=state,
+            state=work.train_state,
             device=resolve_device(cfg.device),
         )
         work.model.cpu()  # factors and replies are built on the CPU
-        mc.save_local_model(context, work.model)
-        save_train_state(context, state)
+        save(context, work)
         if state_dir:
-            extra = _encode_train_state(state)
+            extra = _encode_train_state(work.train_state)
             mc.save_model_file(str(state_dir), client_id, server_round, work.model, extra)
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),

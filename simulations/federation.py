@@ -8,7 +8,7 @@ split its training set among themselves (IID or Dirichlet over labels, with flwr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from simulations import data as D
 from simulations.cache import KeyedCache
 from simulations.config import ExperimentConfig
 from simulations.models import build_model
-from simulations.tasks import Task, get_task
+from simulations.tasks import Task, TrainState, get_task
 from strategies import ClientIdentity
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class Workload:
     task: Task
     data: ClientData
     initial_state: dict[str, torch.Tensor]
+    train_state: TrainState = field(default_factory=TrainState)
+    synced: str | None = None  # token of the context.state that model and train_state hold
 
     @property
     def train_set(self) -> Dataset:
@@ -77,6 +79,7 @@ class Workload:
     def reset_model(self) -> None:
         """Back to the freshly initialised weights."""
         self.model.load_state_dict(self.initial_state)
+        self.synced = None
 
 
 _DATA: KeyedCache[ClientData] = KeyedCache("client-data", D.default_cache_dir)

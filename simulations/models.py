@@ -4,6 +4,7 @@ Every architecture is registered in :data:`ARCHITECTURES` with the task kind it 
 (see :mod:`simulations.tasks`) and the names of its knowledge-transfer layers, as given
 by ``model.named_modules()``:
 
+- ``cnn4``: head ``fc`` (512→C); HtFLlib's 4-layer CNN (conv 5×5 ×2, ``fc1`` 1600→512).
 - ``resnet18``: head ``fc`` (512→C).
 - ``resnet8``: head ``fc`` (64→C).
 - ``mobilenet_v2``: head ``classifier.1`` (1280→C).
@@ -162,6 +163,35 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class Cnn4(nn.Module):
+    """The 4-layer CNN of HtFLlib's model families (two 5×5 conv + pool stages, a 512-wide
+    hidden layer ``fc1``, head ``fc``), with BatchNorm after each convolution.
+
+    Shapes: input float ``[B, 3, 32, 32]``, output logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=5)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(64 * 5 * 5, 512)
+        self.fc = nn.Linear(512, num_classes)
+        _init_cnn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images ``[B, 3, 32, 32]`` to logits ``[B, num_classes]``."""
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _build_cnn4(num_classes: int) -> nn.Module:
+    return Cnn4(num_classes)
+
+
 def _build_resnet18(num_classes: int) -> nn.Module:
     model = resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -248,6 +278,7 @@ ARCHITECTURES: MappingProxyType[str, ArchSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
+            ArchSpec("cnn4", "image_classification", "fc", (), False, _build_cnn4),
             ArchSpec("resnet18", "image_classification", "fc", (), False, _build_resnet18),
             ArchSpec("resnet8", "image_classification", "fc", (), False, _build_resnet8),
             ArchSpec(

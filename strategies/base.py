@@ -125,6 +125,7 @@ class PeerStrategy(Strategy):
         self.last_round: int | None = None  # set by start()
         self._evaluating = False
         self._stage_start = 0.0
+        self._configure_seconds = 0.0  # the server's own work before the messages go out
         self.on_round = on_round
         self.on_round_end = on_round_end
         self.seed = seed
@@ -220,6 +221,7 @@ class PeerStrategy(Strategy):
                 content[p.GROUP_ARRAYS] = p.to_record(self.group_arrays[group])
             self._bytes_down[nid] = p.array_bytes(content)
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
+        self._configure_seconds = time.time() - self._stage_start
         log.info("configure_train: round %d, %d nodes", server_round, len(messages))
         return messages
 
@@ -227,6 +229,7 @@ class PeerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        started = time.time()
         accepted, dropped = self._parse(replies)
         valid = []
         for reply in accepted:
@@ -242,6 +245,7 @@ class PeerStrategy(Strategy):
             valid.append(reply)
         server = self.absorb(server_round, valid)
         self._average_groups(valid)
+        server["aggregate_seconds"] = time.time() - started
         metrics = self._emit(server_round, "train", valid, dropped, server)
         return None, metrics
 
@@ -482,9 +486,15 @@ class PeerStrategy(Strategy):
         """Metrics per group and overall (example-weighted), and one record to the sink.
 
         The record's ``server`` entry carries the stage's wall-clock span (``stage_start``,
-        ``stage_end``: seconds since the epoch, from sending the messages to this call).
+        ``stage_end``: seconds since the epoch, from sampling the nodes to this call) and the
+        server's own work before the messages went out (``configure_seconds``).
         """
-        server = {**server, "stage_start": self._stage_start, "stage_end": time.time()}
+        server = {
+            **server,
+            "stage_start": self._stage_start,
+            "stage_end": time.time(),
+            "configure_seconds": self._configure_seconds if stage == "train" else 0.0,
+        }
         clients = {
             r.identity.client_id: {
                 "group": r.identity.group,

@@ -138,3 +138,30 @@ def test_failed_clients_can_be_allowed(tmp_path):
     nodes[1] = failing_node(nodes[1])
     run_server(FakeGrid(nodes), cfg, tmp_path)
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "ok"
+
+
+def test_a_process_reloads_a_client_only_when_another_process_wrote_its_state():
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from simulations.client_app import TRAIN_STATE_KEY, save, sync
+    from strategies import client as mc
+
+    work = federation.build_workload(compose("federation=tiny"), 0)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    sync(context, work)  # nothing saved yet: the initial weights
+    assert torch.equal(work.model.fc.weight, work.initial_state["fc.weight"])
+    with torch.no_grad():
+        work.model.fc.weight += 1.0
+    save(context, work)
+    mine = work.synced
+    sync(context, work)
+    assert work.synced == mine  # this process wrote it: nothing to reload
+    other = {k: v + 2.0 if k == "fc.weight" else v for k, v in work.initial_state.items()}
+    work.model.load_state_dict(other)
+    mc.save_local_model(context, work.model)  # another process trains and saves
+    record = dict(context.state.config_records[TRAIN_STATE_KEY])
+    context.state.config_records[TRAIN_STATE_KEY] = ConfigRecord({**record, "token": "theirs"})
+    work.model.load_state_dict(work.initial_state)
+    work.synced = mine  # this process still holds what it wrote, which is now stale
+    sync(context, work)
+    assert work.synced == "theirs" and torch.equal(work.model.fc.weight, other["fc.weight"])
