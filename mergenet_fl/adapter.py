@@ -22,7 +22,13 @@ returns the target's factors exactly.
 
 Variants (the paper's ablations): ``lpka`` (four combinations, learned ``λ``), ``avg`` (four,
 plain mean), ``rows`` (rows attend to rows only), ``mlp`` (no attention: an MLP of the pooled
-source tokens gives the update, so the target's own factors do not shape it).
+source tokens gives the update, so the target's own factors do not shape it). These start as
+the identity. Two more follow the paper and its reference code instead: ``paper`` (the four
+combinations with learned ``λ``, post-norm attention and feed-forward blocks whose output
+overwrites the target's low-rank part; not the identity at start) and ``paper_mlp`` (the
+paper's MLP baseline: the pooled sources alone generate the target's factors).
+``source_norm=False`` feeds the source tokens to the keys without LayerNorm, so that the
+adapter sees the sources' scale.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("lpka", "avg", "rows", "mlp")
+VARIANTS = ("lpka", "avg", "rows", "mlp", "paper", "paper_mlp")
+OVERWRITING = ("paper", "paper_mlp")  # not the identity at start
 READINGS = ("rows", "cols")
 FACTORS = ("A", "B")
 # The reading of each factor whose token width is the rank R (shared across layers).
@@ -58,6 +65,7 @@ class AdapterConfig:
     heads: int = 4
     layers: int = 2
     max_source_tokens: int | None = 16
+    source_norm: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,6 +81,10 @@ class AdapterConfig:
                 f"AdapterConfig.max_source_tokens must be >= 1 or None, "
                 f"got {self.max_source_tokens}"
             )
+
+    @property
+    def identity_at_start(self) -> bool:
+        return self.variant not in OVERWRITING
 
     @property
     def combos(self) -> tuple[tuple[str, str], ...]:
@@ -164,9 +176,10 @@ class WidthLinear(nn.Module):
     ``to_dim=True`` maps ``width -> dim``; ``False`` maps ``dim -> width`` and starts at zero.
     """
 
-    def __init__(self, dim: int, *, to_dim: bool, seed: int, path: str) -> None:
+    def __init__(self, dim: int, *, to_dim: bool, seed: int, path: str, zero: bool = True) -> None:
         super().__init__()
         self.dim, self.to_dim, self.seed, self.path = dim, to_dim, seed, path
+        self.zero = zero and not to_dim  # output projections start at zero unless told not to
         self.by_width = nn.ModuleDict()
 
     def register(self, width: int) -> list[nn.Parameter]:
@@ -175,17 +188,17 @@ class WidthLinear(nn.Module):
         if key in self.by_width:
             return []
         layer = nn.Linear(width, self.dim) if self.to_dim else nn.Linear(self.dim, width)
-        if self.to_dim:
+        if self.zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        else:
             gen = torch.Generator().manual_seed(
                 zlib.crc32(f"{self.seed}:{self.path}:{key}".encode())
             )
-            bound = width**-0.5
+            bound = layer.weight.shape[1] ** -0.5
             with torch.no_grad():
                 layer.weight.uniform_(-bound, bound, generator=gen)
                 layer.bias.zero_()
-        else:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
         self.by_width[key] = layer
         return list(layer.parameters())
 
@@ -203,7 +216,11 @@ class Branch(nn.Module):
         self.q = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.q")
         self.k = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.k")
         self.v = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.v")
-        self.o = WidthLinear(cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o")
+        self.o = WidthLinear(
+            cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o", zero=cfg.identity_at_start
+        )
+        self.pre_norm = cfg.identity_at_start  # the reference code normalises after, not before
+        self.source_norm = cfg.source_norm
         self.attention: torch.Tensor | None = None  # (N, L) when :attr:`capture` is on
         self.capture = False
 
@@ -215,8 +232,8 @@ class Branch(nn.Module):
         attention product).
         """
         n, lq, w = query.shape
-        q = self.q(F.layer_norm(query, (w,)))
-        normed = [F.layer_norm(t, (wi,)) for wi, t in keys]
+        q = self.q(F.layer_norm(query, (w,)) if self.pre_norm else query)
+        normed = [F.layer_norm(t, (wi,)) if self.source_norm else t for wi, t in keys]
         k = torch.cat([self.k(t) for t in normed])
         v = torch.cat([self.v(t) for t in normed])
         h, d = self.heads, q.shape[-1] // self.heads
@@ -233,16 +250,21 @@ class Branch(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Pre-norm residual MLP on the shared-width tokens; the output layer starts at zero."""
+    """Residual MLP on the shared-width tokens: pre-norm with the output layer at zero (the
+    identity at start), or post-norm (``LayerNorm(x + mlp(x))``, the reference code's)."""
 
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, post_norm: bool = False) -> None:
         super().__init__()
         self.up = nn.Linear(width, hidden)
         self.down = nn.Linear(hidden, width)
-        nn.init.zeros_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
+        self.norm = nn.LayerNorm(width) if post_norm else None
+        if not post_norm:
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            return self.norm(x + self.down(F.gelu(self.up(x))))
         return x + self.down(F.gelu(self.up(F.layer_norm(x, (x.shape[-1],)))))
 
 
@@ -259,10 +281,13 @@ class TransferLayer(nn.Module):
                 for qr, kr in cfg.combos
             }
         )
-        self.ffn = nn.ModuleDict({f: FeedForward(cfg.rank, cfg.dim) for f in FACTORS})
+        post = not cfg.identity_at_start
+        self.ffn = nn.ModuleDict({f: FeedForward(cfg.rank, cfg.dim, post) for f in FACTORS})
+        # post-norm after the attention (the reference code's); the identity design has none
+        self.norm = nn.ModuleDict({f: nn.LayerNorm(cfg.rank) for f in FACTORS}) if post else None
         logits = torch.zeros(len(FACTORS), len(cfg.combos))
         self.capture = False  # branches keep their attention (see LPKA.attention_shares)
-        if cfg.variant == "lpka":
+        if cfg.variant in ("lpka", "paper"):
             self.mix_logits = nn.Parameter(logits)
         else:
             self.register_buffer("mix_logits", logits)
@@ -285,6 +310,8 @@ class TransferLayer(nn.Module):
                 update = update + lam[ci] * read(delta, qr)
             x = x + update
             shared = SHARED_READING[f]
+            if self.norm is not None:
+                x = read(self.norm[f](read(x, shared)), shared)
             out.append(read(self.ffn[f](read(x, shared)), shared))
         return out[0], out[1]
 
@@ -309,7 +336,11 @@ class SourceMLP(nn.Module):
         self.head = nn.ModuleDict(
             {
                 f: WidthLinear(
-                    len(readings) * cfg.dim, to_dim=False, seed=cfg.seed, path=f"mlp.{f}"
+                    len(readings) * cfg.dim,
+                    to_dim=False,
+                    seed=cfg.seed,
+                    path=f"mlp.{f}",
+                    zero=cfg.identity_at_start,
                 )
                 for f in FACTORS
             }
@@ -321,11 +352,14 @@ class SourceMLP(nn.Module):
         pooled = []
         for key, groups in sorted(sources.tokens.items()):
             emb = self.embed[f"{key[0]}_{key[1]}"]
-            pooled.append(torch.cat([emb(F.layer_norm(t, (w,))) for w, t in groups]).mean(0))
+            normed = [F.layer_norm(t, (w,)) if self.cfg.source_norm else t for w, t in groups]
+            pooled.append(torch.cat([emb(t) for t in normed]).mean(0))
         z = self.mlp(torch.cat(pooled))
         (m, r), n = a.shape[-2:], b.shape[-1]
         delta_a = self.head["A"](z, m * r).reshape(m, r)
         delta_b = self.head["B"](z, r * n).reshape(r, n)
+        if not self.cfg.identity_at_start:  # the paper's baseline: generated, not added
+            return delta_a.expand_as(a), delta_b.expand_as(b)
         return a + delta_a, b + delta_b
 
 
@@ -341,7 +375,7 @@ class LPKA(nn.Module):
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):  # the same seed always builds the same adapter
             torch.manual_seed(cfg.seed)
-            if cfg.variant == "mlp":
+            if cfg.variant in ("mlp", "paper_mlp"):
                 self.body: nn.Module = SourceMLP(cfg)
             else:
                 self.body = nn.ModuleList(TransferLayer(cfg, f"ktl{i}") for i in range(cfg.layers))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class HypernetConfig:
     reads the group's summary as the target's own factors and every member gets the same merged
     factors (what a group that averages its other parameters needs; at initialisation this is
     the group's mean of the transfer layers). Lone members stay targets of their own.
+    ``optimizer`` (``adam``, ``adamw``, ``sgd``), ``lr`` (0: a frozen adapter), ``weight_decay``:
+    the adapter's optimiser. The step size rises linearly over ``warmup_steps`` adapter steps,
+    then, with ``decay_steps``, follows a cosine to 0 at step ``warmup_steps + decay_steps``
+    (the reference code's AdamW with a cosine schedule).
     ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
     ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares when
@@ -52,6 +57,9 @@ class HypernetConfig:
     adapter: AdapterConfig = AdapterConfig()
     optimizer: str = "adam"
     lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: int | None = None
     max_grad_norm: float | None = 1.0
     summarize_groups: bool = True
     self_transfer: bool = False
@@ -69,6 +77,10 @@ class HypernetConfig:
             raise ValueError(
                 f"HypernetConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
             )
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("HypernetConfig.weight_decay and warmup_steps must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
         if self.chunk_size < 1:
             raise ValueError(f"HypernetConfig.chunk_size must be >= 1, got {self.chunk_size}")
 
@@ -152,6 +164,7 @@ class Hypernetwork:
         self.device = torch.device(cfg.device)
         self.adapter = LPKA(cfg.adapter).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.steps = 0  # adapter steps taken (the schedule's clock)
 
     @property
     def rank(self) -> int:
@@ -173,9 +186,20 @@ class Hypernetwork:
         # The parameters that exist from the start (e.g. the mixing weights λ) join the first group.
         fresh = {id(p) for p in params}
         base = [p for p in self.adapter.parameters() if id(p) not in fresh]
-        if self.cfg.optimizer == "adam":
-            return torch.optim.Adam(base + params, lr=self.cfg.lr)
-        return torch.optim.SGD(base + params, lr=self.cfg.lr)
+        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        return kinds[self.cfg.optimizer](
+            base + params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+
+    def lr_at(self, step: int) -> float:
+        """The step size of adapter step ``step`` (0-based): warm-up, then cosine decay."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.decay_steps is None:
+            return cfg.lr
+        progress = min((step - cfg.warmup_steps) / cfg.decay_steps, 1.0)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def plan(self, bank: KnowledgeBank, targets: Sequence[str]) -> list[Job]:
         """Group targets by (layer, source set) so each group is one batched adapter pass."""
@@ -342,13 +366,17 @@ class Hypernetwork:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         before = [p.detach().clone() for p in params]
+        lr = self.lr_at(self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
+        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         step = sum(
             float((p.detach() - q).pow(2).sum()) for p, q in zip(params, before, strict=True)
         )
         log.debug("adapter step: %d pieces, gradient norm %.4g", used, norm)
-        return {"pieces": float(used), "grad_norm": norm, "step_norm": step**0.5}
+        return {"pieces": float(used), "grad_norm": norm, "step_norm": step**0.5, "lr": lr}
 
     def state_dict(self) -> dict:
         """A snapshot (deep copy: the optimiser updates its state tensors in place)."""
@@ -357,6 +385,7 @@ class Hypernetwork:
                 "shapes": list(self.adapter.registered),
                 "adapter": self.adapter.state_dict(),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+                "steps": self.steps,
             }
         )
 
@@ -368,6 +397,7 @@ class Hypernetwork:
         self.adapter.load_state_dict(state["adapter"])
         if state["optimizer"] is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.steps = state.get("steps", 0)
 
 
 def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:

@@ -28,6 +28,7 @@ STRATEGIES = ("mergenet", "local", "groupfedavg")
 PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "validation")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -109,10 +110,18 @@ class ExperimentConfig:
         group_targets = s.get("group_targets")
         if group_targets is None:  # a group that averages its other parameters is one target
             group_targets = s.get("share", "all") != "none"
+        schedule = s.get("schedule", "constant")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"strategy.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        warmup = s.get("warmup_steps", 0)
+        adapter_steps = (self.num_rounds - 1) // self.transfer_every  # one per transfer round
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
             optimizer=s.get("optimizer", HypernetConfig.optimizer),
             lr=s.get("lr", HypernetConfig.lr),
+            weight_decay=s.get("weight_decay", HypernetConfig.weight_decay),
+            warmup_steps=warmup,
+            decay_steps=max(adapter_steps - warmup, 1) if schedule == "cosine" else None,
             max_grad_norm=s.get("max_grad_norm", HypernetConfig.max_grad_norm),
             summarize_groups=s.get("summarize_groups", HypernetConfig.summarize_groups),
             self_transfer=s.get("self_transfer", HypernetConfig.self_transfer),

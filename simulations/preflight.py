@@ -60,6 +60,11 @@ def problems(cfg: ExperimentConfig) -> list[str]:
             found.append(f"{where}: layers {list(group.layers)}: {exc}")
     for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
         found += D.check_dataset_files(dataset, cfg.data_dir)
+    if cfg.strategy.get("name") == "mergenet":
+        try:
+            cfg.hypernet()
+        except (TypeError, ValueError) as exc:
+            found.append(f"strategy: {exc}")
     if cfg.resume and not (Path(cfg.resume).expanduser() / "server.ckpt").is_file():
         found.append(
             f"resume={cfg.resume!r}: no checkpoint (server.ckpt) there; resume takes the folder "

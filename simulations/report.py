@@ -17,15 +17,16 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from simulations.config import CONF_DIR
 from simulations.models import build_model
+from simulations.preflight import NUM_CLASSES
 from simulations.results import SCORE_KEYS, bytes_per_round, group_curves, read_lines
 
 matplotlib.use("Agg")  # files only, no display
 
-NUM_CLASSES = {"cifar10": 10, "sst2": 2, "imdb": 2, "agnews": 4, "squad2": 2}
 LOCAL, GROUP_FEDAVG, LPKA = "LocalOnly", "GroupFedAvg", "MergeNet (lpka)"
 TRANSFER_ONLY = "MergeNet (lpka, transfer only)"
 ABLATION_ORDER = ("lpka", "avg", "rows", "mlp")  # the paper's order, best first
@@ -46,14 +47,23 @@ class Run:
     fedavg_bytes_per_round: float
     seconds: float
     overhead: float | None  # MergeNet's client-side time / local training time
+    chance: dict[str, float] = field(default_factory=dict)  # group -> final chance level
+    transfer_effect: dict[str, float] = field(default_factory=dict)  # group -> last round's
     path: Path = field(repr=False, default=Path())
+
+
+LABELLED = ("optimizer", "lr", "schedule", "warmup_steps", "weight_decay")
 
 
 def conf_defaults() -> dict[str, Any]:
     """``conf/``'s defaults of the MergeNet settings a method label names when they differ."""
     strategy = OmegaConf.load(CONF_DIR / "strategy" / "mergenet.yaml")
-    rank = OmegaConf.load(CONF_DIR / "config.yaml").rank
-    return {"rank": rank, "optimizer": strategy.optimizer, "lr": strategy.lr}
+    adapter = OmegaConf.load(CONF_DIR / "adapter" / "lpka.yaml")
+    return {
+        "rank": OmegaConf.load(CONF_DIR / "config.yaml").rank,
+        **{key: strategy[key] for key in LABELLED},
+        "source_norm": adapter.source_norm,
+    }
 
 
 def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
@@ -69,8 +79,10 @@ def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
         label += f", every {cfg['transfer_every']} rounds"
     if cfg["strategy"].get("share", "none") == "none":
         label += ", transfer only"
-    s = cfg["strategy"]
-    for key, value in {"rank": cfg["rank"], "optimizer": s["optimizer"], "lr": s["lr"]}.items():
+    s, a = cfg["strategy"], cfg["adapter"]
+    settings = {"rank": cfg["rank"], **{k: s.get(k, defaults[k]) for k in LABELLED}}
+    settings["source_norm"] = a.get("source_norm", defaults["source_norm"])
+    for key, value in settings.items():
         if value != defaults[key]:
             label += f", {key} {value:g}" if isinstance(value, float) else f", {key} {value}"
     return label + ")"
@@ -108,6 +120,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         overhead = sum(x.get("mergenet_seconds", 0.0) for x in trains) / max(
             sum(x["train_seconds"] for x in trains), 1e-9
         )
+    chance = {g: list(curve.values())[-1] for g, curve in group_curves(lines, "chance").items()}
     return Run(
         federation=federation,
         method=method_label(cfg, defaults),
@@ -120,8 +133,42 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         fedavg_bytes_per_round=fedavg_cache[federation],
         seconds=json.loads((path / "run.json").read_text())["seconds"],
         overhead=overhead,
+        chance=chance,
+        transfer_effect=last_transfer_effect(lines),
         path=path,
     )
+
+
+def last_transfer_effect(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """Group -> mean ``transfer_effect`` of its target layers in the last transfer round."""
+    groups = {x["client"]: x["group"] for x in lines if "group" in x and "client" in x}
+    rounds = [x for x in lines if x.get("stage") == "train" and "targets" in x.get("server", {})]
+    if not rounds:
+        return {}
+    effects: dict[str, list[float]] = defaultdict(list)
+    for client, layers in rounds[-1]["server"]["targets"].items():
+        for stats in layers.values():
+            effects[groups.get(client, client)].append(stats["transfer_effect"])
+    return {g: statistics.mean(v) for g, v in effects.items()}
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(method: list[Run], base: list[Run], group: str) -> tuple[float, float, int] | None:
+    """Mean paired difference (same seed) of the group's main score, its 95 % t-interval
+    half-width, and the number of pairs; None without two pairs."""
+    by_seed = {r.seed: r for r in base}
+    diffs = [
+        r.final[group][_main_metric(r, group)]
+        - by_seed[r.seed].final[group][_main_metric(r, group)]
+        for r in method
+        if r.seed in by_seed and group in r.final and group in by_seed[r.seed].final
+    ]
+    if len(diffs) < 2:
+        return None
+    half = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return statistics.mean(diffs), half, len(diffs)
 
 
 def collect(study_dir: Path) -> list[Run]:
@@ -206,7 +253,57 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
             f"| {m} | {len(rs)} | {' | '.join(cells)} | {100 * table.overall(m):.1f} | "
             f"{b / 1e3:,.0f} kB | {ratio} | {wall:.0f} | {oh} |"
         )
+    chance = [
+        statistics.mean(r.chance[g] for rs in table.by_method.values() for r in rs if g in r.chance)
+        if any(g in r.chance for rs in table.by_method.values() for r in rs)
+        else None
+        for g in groups
+    ]
+    out.append(
+        "| chance (always the most frequent label) | | "
+        + " | ".join("–" if c is None else f"{100 * c:.1f}" for c in chance)
+        + " | | | | | |"
+    )
     out.append("")
+    if LOCAL in table.by_method:
+        out += [
+            "Paired differences against LocalOnly (same seed, same data, same sampled clients), "
+            "points of the main score, mean and 95 % t-interval over seeds:",
+            "",
+        ]
+        for m, rs in table.by_method.items():
+            if m == LOCAL:
+                continue
+            cells = []
+            for g in groups:
+                diff = paired(rs, table.by_method[LOCAL], g)
+                cells.append(
+                    f"{g} n/a"
+                    if diff is None
+                    else f"{g} {100 * diff[0]:+.1f} [{100 * (diff[0] - diff[1]):+.1f}, "
+                    f"{100 * (diff[0] + diff[1]):+.1f}]"
+                )
+            out.append(f"- {m}: {', '.join(cells)}")
+        out.append("")
+    effects = {
+        m: {
+            g: statistics.mean(r.transfer_effect[g] for r in rs if g in r.transfer_effect)
+            for g in groups
+            if any(g in r.transfer_effect for r in rs)
+        }
+        for m, rs in table.by_method.items()
+    }
+    if any(effects.values()):
+        out += [
+            "Transfer effect in the last transfer round (‖merged − merged from the target's "
+            "own group alone‖ / ‖its own low-rank part‖; 0: the other groups change nothing):",
+            "",
+        ]
+        for m, by_group in effects.items():
+            if by_group:
+                cells = ", ".join(f"{g} {v:.3g}" for g, v in by_group.items())
+                out.append(f"- {m}: {cells}")
+        out.append("")
     for base in (LOCAL, GROUP_FEDAVG):
         if base not in table.by_method:
             continue
@@ -249,9 +346,12 @@ def targets_section(runs: list[Run]) -> list[str]:
     for run in runs:
         by_fed[run.federation].append(run)
     tables = [Table.of(rs) for rs in by_fed.values()]
+    pairs = [
+        t for t in tables if GROUP_FEDAVG not in t.by_method and {LOCAL, LPKA} <= set(t.by_method)
+    ]
     tables = [t for t in tables if {LOCAL, GROUP_FEDAVG, LPKA} <= set(t.by_method)]
     if not tables:
-        return []
+        return paper_targets(pairs[0], runs) if pairs else []
     t = tables[0]
     lpka_runs = t.by_method[LPKA]
     image = [g for g in t.groups if lpka_runs[0].tasks.get(g) == "image_classification"]
@@ -334,35 +434,88 @@ def targets_section(runs: list[Run]) -> list[str]:
     return out + [""]
 
 
-def _plot(federation: str, table: Table, path: Path) -> None:
-    groups = table.groups
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    width = 0.8 / len(table.by_method)
-    for i, (m, runs) in enumerate(table.by_method.items()):
-        xs = [j + i * width for j in range(len(groups))]
-        axes[0].bar(
-            xs,
-            [table.score(m, g)[0] for g in groups],
-            width,
-            yerr=[table.score(m, g)[1] for g in groups],
-            label=m,
+def paper_targets(t: Table, runs: list[Run]) -> list[str]:
+    """The paper's claims, in its own two-model regime, against what the runs measured."""
+    variants = [v for v in ABLATION_ORDER if f"MergeNet ({v})" in t.by_method]
+    ablation = [t.overall(f"MergeNet ({v})") for v in variants]
+    order_holds = len(variants) == len(ABLATION_ORDER) and (
+        ablation[0] >= ablation[1] >= ablation[2] > ablation[3]
+    )
+    rows = []
+    for g in t.groups:
+        diff = paired(t.by_method[LPKA], t.by_method[LOCAL], g)
+        measured = (
+            "n/a"
+            if diff is None
+            else (
+                f"{100 * diff[0]:+.1f} points [{100 * (diff[0] - diff[1]):+.1f}, "
+                f"{100 * (diff[0] + diff[1]):+.1f}] (95 %, {diff[2]} seeds)"
+            )
         )
+        met = diff is not None and diff[0] >= 0.01
+        rows.append((f"MergeNet (lpka) ≥ LocalOnly + 1 point: {g}", measured, _yes(met)))
+    rows.append(
+        (
+            "ablation order lpka ≥ avg ≥ rows > mlp (mean score over both models)",
+            ", ".join(f"{v} {100 * a:.1f}" for v, a in zip(variants, ablation, strict=True)),
+            _yes(order_holds),
+        )
+    )
+    low = min(t.score(LOCAL, g)[0] for g in t.groups)
+    rows.append(
+        (
+            "both models far above chance: LocalOnly ≥ 45 %",
+            f"lowest {100 * low:.1f} %",
+            _yes(low >= 0.45),
+        )
+    )
+    minutes = study_seconds(runs) / 60
+    rows.append(
+        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
+    )
+    out = [
+        f"## Targets ({' + '.join(t.groups)})",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def method_curves(table: Table, group: str) -> dict[str, dict[int, float]]:
+    """Method -> round -> the group's main score, mean over the method's seeds."""
+    out = {}
+    for method, runs in table.by_method.items():
         rounds: dict[int, list[float]] = defaultdict(list)
         for run in runs:
-            for r in sorted({r for c in run.curves.values() for r in c}):
-                vals = [c[r] for c in run.curves.values() if r in c]
-                rounds[r].append(statistics.mean(vals))
-        axes[1].plot(
-            list(rounds), [statistics.mean(v) for v in rounds.values()], marker="o", label=m
-        )
-    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=8)
-    axes[0].set(ylabel="final score", title="final score per group (mean ± std over seeds)")
-    axes[1].set(xlabel="round", ylabel="mean score over groups", title="score per round")
-    axes[1].xaxis.get_major_locator().set_params(integer=True)
-    for ax in axes:
+            for r, v in run.curves.get(group, {}).items():
+                rounds[r].append(v)
+        if rounds:
+            out[method] = {r: statistics.mean(v) for r, v in sorted(rounds.items())}
+    return out
+
+
+def _plot(federation: str, table: Table, path: Path) -> None:
+    """One panel per architecture group: every method's score per round, chance dashed."""
+    groups = table.groups
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for method, curve in method_curves(table, group).items():
+            ax.plot(list(curve), list(curve.values()), marker=".", label=method)
+        levels = [
+            r.chance[group] for rs in table.by_method.values() for r in rs if group in r.chance
+        ]
+        if levels:
+            ax.axhline(statistics.mean(levels), color="grey", linestyle="--", label="chance")
+        ax.set(xlabel="round", ylabel=table.metrics[group][0], title=group)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(federation, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{federation} (mean over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

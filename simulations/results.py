@@ -2,8 +2,9 @@
 
 ``<run dir>/metrics.jsonl``  one line per (round, stage, client), plus dropped clients
 ``<run dir>/summary.md``     final metrics per architecture group, bytes, wall time
-``<run dir>/accuracy.png``   accuracy (or F1) per round per group
+``<run dir>/accuracy.png``   accuracy (or F1) per round per group, chance marked
 ``<run dir>/bytes.png``      bytes sent and received per round
+``<run dir>/transfer.png``   MergeNet only: who learns from whom (transfer effect, attention)
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 matplotlib.use("Agg")  # files only, no display
+
+NO_BYTES = "no parameters travel in this run"
 
 log = logging.getLogger(__name__)
 
 SCORE_KEYS = ("accuracy", "f1", "em")  # the first one a group reports is its score
+ONE_CLASS = 0.95  # a client whose predictions fall this much in one class is flagged
 
 
 def new_run_dir(root: str | os.PathLike, name: str) -> Path:
@@ -54,7 +59,11 @@ class RunRecorder:
             {**head, "client": cid, "seconds": round(time.perf_counter() - self.started, 3), **v}
             for cid, v in sorted(record["clients"].items())
         ]
-        lines += [{**head, "client": c, "dropped": r} for c, r in sorted(record["dropped"].items())]
+        groups = record.get("dropped_groups", {})
+        lines += [
+            {**head, "client": c, "dropped": r, **({"group": groups[c]} if c in groups else {})}
+            for c, r in sorted(record["dropped"].items())
+        ]
         for key in ("absent", "server"):
             if record.get(key):
                 lines.append({**head, key: record[key]})
@@ -114,55 +123,159 @@ def bytes_per_round(lines: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
 
 
 def summarize(run_dir: Path, title: str, seconds: float, groups: Sequence[str] = ()) -> Path:
-    """Write ``summary.md`` and the plots; return the summary's path."""
+    """Write ``summary.md`` and the plots; return the summary's path.
+
+    ``groups`` are the federation's architecture groups: any of them without a single
+    evaluation is listed as missing, with the reasons its clients were dropped.
+    """
     lines = read_lines(run_dir)
     curves = group_curves(lines)
+    chance = group_curves(lines, "chance")
     traffic = bytes_per_round(lines)
-    last = {}
-    for line in lines:
-        if line.get("stage") == "evaluate" and "group" in line:
-            last.setdefault(line["group"], {})[line["client"]] = line
-    rows = ["| group | clients | score | final | loss |", "|---|---:|---|---:|---:|"]
-    for group in sorted(last):
-        members = list(last[group].values())
-        key = next((k for k in SCORE_KEYS if k in members[0]), None)
-        score = curves.get(group, {})
-        final = f"{list(score.values())[-1]:.4f}" if score else "n/a"
-        losses = [m["loss"] for m in members if "loss" in m]
-        loss = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
-        rows.append(f"| {group} | {len(members)} | {key or 'n/a'} | {final} | {loss} |")
-    total_down = sum(d for d, _ in traffic.values())
-    total_up = sum(u for _, u in traffic.values())
-    dropped = [line for line in lines if "dropped" in line]
     text = "\n".join(
         [
             f"# {title}",
             "",
             f"Wall time: {seconds:.1f} s. Rounds: {max(traffic, default=0)}.",
-            f"Bytes: {total_down:,} down, {total_up:,} up (all clients, all rounds).",
-            f"Dropped replies: {len(dropped)}.",
+            f"Bytes: {sum(d for d, _ in traffic.values()):,} down, "
+            f"{sum(u for _, u in traffic.values()):,} up (all clients, all rounds).",
+            f"Dropped replies: {sum('dropped' in line for line in lines)}.",
             "",
-            "Final evaluation per architecture group (example-weighted):",
+            "Final evaluation per architecture group (example-weighted); chance is the score of "
+            "always predicting the most frequent label (for QA: always 'no answer'):",
             "",
-            *rows,
+            *score_table(lines, curves, chance),
+            *missing_groups(lines, groups),
+            *one_class_flags(lines),
+            "Training examples per class, per client:",
             "",
-            "Plots: `accuracy.png` (score per round per group), `bytes.png` (bytes per round).",
+            *label_table(lines),
+            "",
+            "Plots: `accuracy.png` (score per round per group, chance dashed), `bytes.png` (bytes "
+            "per round)"
+            + (", `transfer.png` (who learns from whom)." if transfers(lines) else "."),
             "Per-round, per-client numbers: `metrics.jsonl`.",
             "",
         ]
     )
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
-    _plot_curves(curves, run_dir / "accuracy.png", title)
+    _plot_curves(curves, chance, run_dir / "accuracy.png", title)
     _plot_bytes(traffic, run_dir / "bytes.png", title)
+    if transfers(lines):
+        _plot_transfer(transfers(lines), run_dir / "transfer.png", title)
     return run_dir / "summary.md"
 
 
-def _plot_curves(curves: dict[str, dict[int, float]], path: Path, title: str) -> None:
+def _last_evaluations(lines: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Group -> client -> its last evaluation line."""
+    last: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in lines:
+        if line.get("stage") == "evaluate" and "group" in line and "dropped" not in line:
+            last.setdefault(line["group"], {})[line["client"]] = line
+    return last
+
+
+def score_table(
+    lines: list[dict[str, Any]],
+    curves: dict[str, dict[int, float]],
+    chance: dict[str, dict[int, float]],
+) -> list[str]:
+    rows = ["| group | clients | score | final | chance | loss |", "|---|---:|---|---:|---:|---:|"]
+    for group, members in sorted(_last_evaluations(lines).items()):
+        first = next(iter(members.values()))
+        key = next((k for k in SCORE_KEYS if k in first), "n/a")
+        final = f"{list(curves[group].values())[-1]:.4f}" if curves.get(group) else "n/a"
+        level = f"{list(chance[group].values())[-1]:.4f}" if chance.get(group) else "n/a"
+        losses = [m["loss"] for m in members.values() if "loss" in m]
+        loss = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
+        rows.append(f"| {group} | {len(members)} | {key} | {final} | {level} | {loss} |")
+    return rows + [""]
+
+
+def missing_groups(lines: list[dict[str, Any]], groups: Sequence[str]) -> list[str]:
+    """Lines naming each group in ``groups`` that never trained or was never evaluated (not one
+    successful reply of any of its clients), and why its clients were dropped."""
+    done = {
+        stage: {
+            x["group"]
+            for x in lines
+            if x.get("stage") == stage and "group" in x and "dropped" not in x
+        }
+        for stage in ("train", "evaluate")
+    }
+    missing = [g for g in groups if g not in done["train"] or g not in done["evaluate"]]
+    if not missing:
+        return []
+    out = ["**Missing groups** (no client of the group trained, or none was evaluated):", ""]
+    for group in missing:
+        reasons = {x["dropped"] for x in lines if "dropped" in x and x.get("group") == group}
+        reasons = reasons or {x["dropped"] for x in lines if "dropped" in x and "group" not in x}
+        out.append(f"- {group}: " + ("; ".join(sorted(reasons)) or "no reply at all"))
+    return out + [""]
+
+
+def one_class_flags(lines: list[dict[str, Any]]) -> list[str]:
+    """Lines flagging each client whose last evaluation puts nearly every prediction in one
+    class (a model stuck on its majority class looks like a normal curve otherwise)."""
+    flags = [
+        f"- **{cid}** ({group}) predicts one class for {100 * m['top_share']:.0f} % of its "
+        "evaluation examples"
+        for group, members in sorted(_last_evaluations(lines).items())
+        for cid, m in sorted(members.items())
+        if m.get("top_share", 0.0) >= ONE_CLASS
+    ]
+    return (["Clients stuck on one class:", "", *flags, ""]) if flags else []
+
+
+def label_table(lines: list[dict[str, Any]]) -> list[str]:
+    counts = {
+        x["client"]: (x["group"], x["label_counts"])
+        for x in lines
+        if x.get("stage") == "train" and "label_counts" in x
+    }
+    if not counts:
+        return ["(not reported)"]
+    width = max(len(c) for _, c in counts.values())
+    rows = ["| client | group | " + " | ".join(str(i) for i in range(width)) + " |"]
+    rows.append("|---|---|" + "---:|" * width)
+    for cid, (group, c) in sorted(counts.items()):
+        rows.append(f"| {cid} | {group} | " + " | ".join(str(int(v)) for v in c) + " |")
+    return rows
+
+
+def transfers(lines: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Target group -> transfer round -> ``effect`` (mean ``transfer_effect`` of its target
+    layers) and ``from <group>`` (mean attention share it gave each source group)."""
+    groups = {x["client"]: x["group"] for x in lines if "group" in x and "client" in x}
+    out: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(dict)
+    for line in lines:
+        targets = line.get("server", {}).get("targets") if line.get("stage") == "train" else None
+        for cid, layers in (targets or {}).items():
+            stats = out[groups.get(cid, cid)].setdefault(line["round"], defaultdict(list))
+            for layer in layers.values():
+                stats["effect"].append(layer["transfer_effect"])
+                for source, share in layer["attention"].items():
+                    stats[f"from {source}"].append(share)
+    return {
+        g: {r: {k: sum(v) / len(v) for k, v in s.items()} for r, s in rounds.items()}
+        for g, rounds in out.items()
+    }
+
+
+def _plot_curves(
+    curves: dict[str, dict[int, float]],
+    chance: dict[str, dict[int, float]],
+    path: Path,
+    title: str,
+) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(curves.items()):
-        ax.plot(list(points), list(points.values()), marker="o", label=group)
-    ax.set(xlabel="round", ylabel="accuracy / F1", title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+        (line,) = ax.plot(list(points), list(points.values()), marker="o", label=group)
+        if chance.get(group):
+            level = list(chance[group].values())[-1]
+            ax.axhline(level, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set(xlabel="round", ylabel="accuracy / F1 (dashed: chance)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -174,21 +287,46 @@ def _plot_curves(curves: dict[str, dict[int, float]], path: Path, title: str) ->
 def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = list(traffic)
-    ax.bar(
-        [r - 0.2 for r in rounds],
-        [d for d, _ in traffic.values()],
-        width=0.4,
-        label="server → clients",
-    )
-    ax.bar(
-        [r + 0.2 for r in rounds],
-        [u for _, u in traffic.values()],
-        width=0.4,
-        label="clients → server",
-    )
+    if not any(d + u for d, u in traffic.values()):
+        ax.text(0.5, 0.5, NO_BYTES, ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.bar(
+            [r - 0.2 for r in rounds],
+            [d for d, _ in traffic.values()],
+            width=0.4,
+            label="server → clients",
+        )
+        ax.bar(
+            [r + 0.2 for r in rounds],
+            [u for _, u in traffic.values()],
+            width=0.4,
+            label="clients → server",
+        )
+        ax.legend(fontsize=8)
     ax.set(xlabel="round", ylabel="bytes", title=title)
-    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_transfer(stats: dict[str, dict[int, dict[str, float]]], path: Path, title: str) -> None:
+    """Per target group: its transfer effect, and the attention share of each source group."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for group, rounds in sorted(stats.items()):
+        xs = list(rounds)
+        axes[0].plot(xs, [rounds[r]["effect"] for r in xs], label=group)
+        for key in sorted({k for r in rounds.values() for k in r if k.startswith("from ")}):
+            ys = [rounds[r].get(key, float("nan")) for r in xs]
+            axes[1].plot(xs, ys, label=f"{group} ← {key[5:]}")
+    axes[0].set(xlabel="round", ylabel="transfer effect", title="how much the others change it")
+    axes[1].set(xlabel="round", ylabel="attention share", title="who learns from whom")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -116,13 +116,16 @@ class RunFailed(RuntimeError):
 
 def failed_clients(lines: list[dict], groups: list[str]) -> dict[str, str]:
     """Clients that never trained successfully, and groups with no such client: their reason."""
-    trained = {line["client"] for line in lines if line.get("stage") == "train" and "group" in line}
-    trained_groups = {
-        line["group"] for line in lines if line.get("stage") == "train" and "group" in line
-    }
+    trained = [
+        line
+        for line in lines
+        if line.get("stage") == "train" and "group" in line and "dropped" not in line
+    ]
+    trained_clients = {line["client"] for line in trained}
+    trained_groups = {line["group"] for line in trained}
     failed: dict[str, str] = {}
     for line in lines:
-        if "dropped" in line and line["client"] not in trained:
+        if "dropped" in line and line["client"] not in trained_clients:
             failed[line["client"]] = line["dropped"]
     for group in groups:
         if group not in trained_groups:

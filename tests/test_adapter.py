@@ -34,7 +34,10 @@ def perturbed(cfg, shapes, seed=0):
     return adapter
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+IDENTITY_VARIANTS = [v for v in VARIANTS if AdapterConfig(variant=v).identity_at_start]
+
+
+@pytest.mark.parametrize("variant", IDENTITY_VARIANTS)
 def test_identity_at_initialisation(variant):
     cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2, max_source_tokens=8)
     adapter = LPKA(cfg)
@@ -55,6 +58,39 @@ def test_trained_adapter_changes_factors_and_keeps_shapes(variant):
     out_a, out_b = adapter(a, b, sources)
     assert out_a.shape == a.shape and out_b.shape == b.shape
     assert not torch.allclose(out_a, a)
+
+
+@pytest.mark.parametrize("variant", ["paper", "paper_mlp"])
+def test_the_papers_variants_overwrite_from_the_start(variant):
+    cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2, max_source_tokens=8)
+    adapter = LPKA(cfg)
+    adapter.register_shapes(SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((24, 36))
+    out_a, out_b = adapter(a, b, sources)
+    assert not torch.allclose(out_a @ out_b, a @ b, atol=1e-2)  # no identity at start
+    if variant == "paper_mlp":  # generated from the sources alone: the target does not matter
+        other_a, other_b = adapter(a * 3 + 1, b - 2, sources)
+        assert torch.equal(other_a, out_a) and torch.equal(other_b, out_b)
+    else:  # post-norm: the tokens of the shared readings come out normalised (unit affine)
+        rows = out_a.reshape(-1, 4)
+        assert torch.allclose(rows.mean(-1), torch.zeros(rows.shape[0]), atol=1e-4)
+
+
+def test_source_norm_off_lets_the_sources_scale_matter():
+    shapes = [(24, 36)]
+    outs = []
+    for norm in (True, False):
+        cfg = AdapterConfig(rank=4, dim=8, heads=2, layers=1, source_norm=norm)
+        adapter = perturbed(cfg, shapes + SHAPES)
+        factors, _ = sources_for(SHAPES)
+        a, b = batch(shapes[0])
+        pair = []
+        for scale in (1.0, 100.0):
+            scaled = [(fa * scale, fb * scale) for fa, fb in factors]
+            pair.append(adapter(a, b, SourceTokens.build(scaled, 4, 8))[0])
+        outs.append(float((pair[0] - pair[1]).norm() / (pair[0] - a).norm()))
+    assert outs[0] < 0.05 and outs[1] > 0.5  # normalised keys are nearly blind to scale
 
 
 def test_mlp_update_ignores_the_target():

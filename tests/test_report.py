@@ -181,3 +181,28 @@ def test_validation_report_names_its_split_and_non_default_settings(tmp_path):
     fake_run(study, "on-test", "local", 5, [0.1, 0.2])
     with pytest.raises(ValueError, match=r"mixes runs scored on \['test', 'validation'\]"):
         report_text(study, tmp_path / "results.md")
+
+
+def test_paper_study_reports_paired_intervals_and_the_papers_targets(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # method -> final accuracy per seed: lpka beats LocalOnly by 2, 3 and 4 points
+        ("local", "lpka"): (0.50, 0.52, 0.48),
+        ("mergenet", "lpka"): (0.52, 0.55, 0.52),
+        ("mergenet", "avg"): (0.51, 0.53, 0.50),
+        ("mergenet", "rows"): (0.50, 0.52, 0.49),
+        ("mergenet", "mlp"): (0.49, 0.51, 0.47),
+    }
+    for (strategy, variant), scores in finals.items():
+        for seed, final in enumerate(scores):
+            fake_run(
+                study, f"{strategy}-{variant}-{seed}", strategy, seed, [0.1, final], variant=variant
+            )
+    text = report_text(study, tmp_path / "results-paper.md")
+    # differences 2, 3, 4: mean 3, std 1, t(0.975, 2) = 4.303: half-width 2.48
+    assert "- MergeNet (lpka): r8 +3.0 [+0.5, +5.5]" in text
+    assert (
+        "| MergeNet (lpka) ≥ LocalOnly + 1 point: r8 | +3.0 points [+0.5, +5.5] (95 %, 3 seeds) | yes |"
+        in text
+    )
+    assert "lpka 53.0, avg 51.3, rows 50.3, mlp 49.0 | yes |" in text
+    assert "| both models far above chance: LocalOnly ≥ 45 % | lowest 50.0 % | yes |" in text
