@@ -8,6 +8,7 @@ method (strategy, adapter variant, transfer cycle); seeds are the repetitions.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -17,13 +18,19 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from simulations.config import CONF_DIR
 from simulations.models import build_model
 from simulations.preflight import NUM_CLASSES
-from simulations.results import SCORE_KEYS, bytes_per_round, group_curves, read_lines
+from simulations.results import (
+    SCORE_KEYS,
+    bytes_per_round,
+    chance_levels,
+    group_curves,
+    read_lines,
+    round_axis,
+)
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -120,7 +127,6 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         overhead = sum(x.get("mergenet_seconds", 0.0) for x in trains) / max(
             sum(x["train_seconds"] for x in trains), 1e-9
         )
-    chance = {g: list(curve.values())[-1] for g, curve in group_curves(lines, "chance").items()}
     return Run(
         federation=federation,
         method=method_label(cfg, defaults),
@@ -133,7 +139,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         fedavg_bytes_per_round=fedavg_cache[federation],
         seconds=json.loads((path / "run.json").read_text())["seconds"],
         overhead=overhead,
-        chance=chance,
+        chance=chance_levels(lines),
         transfer_effect=last_transfer_effect(lines),
         path=path,
     )
@@ -225,8 +231,17 @@ class Table:
     def overall(self, method: str) -> float:
         return statistics.mean(self.score(method, g)[0] for g in self.groups)
 
+    def chance(self, group: str) -> float | None:
+        """The group's final chance level, mean over all runs; None where no run reports it."""
+        levels = [
+            r.chance[group] for rs in self.by_method.values() for r in rs if group in r.chance
+        ]
+        return statistics.mean(levels) if levels else None
+
 
 def federation_section(federation: str, runs: list[Run], figure: Path) -> list[str]:
+    """The federation's table, paired differences, transfer effect and gains, and one figure
+    per group, written to ``<figure>-<group>.png``."""
     table = Table.of(runs)
     groups = table.groups
     out = [f"### {federation}", ""]
@@ -253,14 +268,9 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
             f"| {m} | {len(rs)} | {' | '.join(cells)} | {100 * table.overall(m):.1f} | "
             f"{b / 1e3:,.0f} kB | {ratio} | {wall:.0f} | {oh} |"
         )
-    chance = [
-        statistics.mean(r.chance[g] for rs in table.by_method.values() for r in rs if g in r.chance)
-        if any(g in r.chance for rs in table.by_method.values() for r in rs)
-        else None
-        for g in groups
-    ]
+    chance = [table.chance(g) for g in groups]
     out.append(
-        "| chance (always the most frequent label) | | "
+        "| chance (always the most frequent label; QA: always 'no answer') | | "
         + " | ".join("–" if c is None else f"{100 * c:.1f}" for c in chance)
         + " | | | | | |"
     )
@@ -322,8 +332,10 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
             )
             out.append(f"- {m}: {gains}")
         out.append("")
-    _plot(federation, table, figure)
-    out += [f"![{federation}]({figure.parent.name}/{figure.name})", ""]
+    for group in groups:
+        path = group_figure(figure, group)
+        _plot(federation, table, group, path)
+        out += [f"![{federation}: {group}]({path.parent.name}/{path.name})", ""]
     return out
 
 
@@ -347,7 +359,9 @@ def targets_section(runs: list[Run]) -> list[str]:
         by_fed[run.federation].append(run)
     tables = [Table.of(rs) for rs in by_fed.values()]
     pairs = [
-        t for t in tables if GROUP_FEDAVG not in t.by_method and {LOCAL, LPKA} <= set(t.by_method)
+        t
+        for t in tables
+        if GROUP_FEDAVG not in t.by_method and LOCAL in t.by_method and variant_method(t, "lpka")
     ]
     tables = [t for t in tables if {LOCAL, GROUP_FEDAVG, LPKA} <= set(t.by_method)]
     if not tables:
@@ -434,16 +448,25 @@ def targets_section(runs: list[Run]) -> list[str]:
     return out + [""]
 
 
+def variant_method(t: Table, variant: str) -> str | None:
+    """The one method of ``t`` that is MergeNet with adapter ``variant`` (whatever settings its
+    label names), or None when there is none or several."""
+    found = [m for m in t.by_method if re.match(rf"MergeNet \({variant}[,)]", m)]
+    return found[0] if len(found) == 1 else None
+
+
 def paper_targets(t: Table, runs: list[Run]) -> list[str]:
     """The paper's claims, in its own two-model regime, against what the runs measured."""
-    variants = [v for v in ABLATION_ORDER if f"MergeNet ({v})" in t.by_method]
-    ablation = [t.overall(f"MergeNet ({v})") for v in variants]
+    methods = {v: variant_method(t, v) for v in ABLATION_ORDER}
+    variants = [v for v, m in methods.items() if m is not None]
+    ablation = [t.overall(methods[v]) for v in variants]
+    lpka = methods["lpka"]
     order_holds = len(variants) == len(ABLATION_ORDER) and (
         ablation[0] >= ablation[1] >= ablation[2] > ablation[3]
     )
     rows = []
     for g in t.groups:
-        diff = paired(t.by_method[LPKA], t.by_method[LOCAL], g)
+        diff = paired(t.by_method[lpka], t.by_method[LOCAL], g)
         measured = (
             "n/a"
             if diff is None
@@ -453,7 +476,7 @@ def paper_targets(t: Table, runs: list[Run]) -> list[str]:
             )
         )
         met = diff is not None and diff[0] >= 0.01
-        rows.append((f"MergeNet (lpka) ≥ LocalOnly + 1 point: {g}", measured, _yes(met)))
+        rows.append((f"{lpka} ≥ LocalOnly + 1 point: {g}", measured, _yes(met)))
     rows.append(
         (
             "ablation order lpka ≥ avg ≥ rows > mlp (mean score over both models)",
@@ -499,30 +522,32 @@ def method_curves(table: Table, group: str) -> dict[str, dict[int, float]]:
     return out
 
 
-def _plot(federation: str, table: Table, path: Path) -> None:
-    """One panel per architecture group: every method's score per round, chance dashed."""
-    groups = table.groups
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
-        for method, curve in method_curves(table, group).items():
-            ax.plot(list(curve), list(curve.values()), marker=".", label=method)
-        levels = [
-            r.chance[group] for rs in table.by_method.values() for r in rs if group in r.chance
-        ]
-        if levels:
-            ax.axhline(statistics.mean(levels), color="grey", linestyle="--", label="chance")
-        ax.set(xlabel="round", ylabel=table.metrics[group][0], title=group)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{federation} (mean over seeds)", fontsize=9)
+def group_figure(figure: Path, group: str) -> Path:
+    """Where a federation's figure of ``group`` goes: ``<figure>-<group>.png``."""
+    return figure.with_name(figure.name + "-" + re.sub(r"[^\w.-]+", "_", group) + ".png")
+
+
+def _plot(federation: str, table: Table, group: str, path: Path) -> None:
+    """One architecture group: every method's score per round (:func:`method_curves`), its
+    chance level dashed (:meth:`Table.chance`)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, curve in method_curves(table, group).items():
+        ax.plot(list(curve), list(curve.values()), marker=".", label=method)
+    if (level := table.chance(group)) is not None:
+        ax.axhline(level, color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="round", ylabel=table.metrics[group][0], title=f"{group} (mean over seeds)")
+    round_axis(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(federation, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Path:
-    """Write the report for the runs under ``study_dir`` to ``dest`` (figures beside it)."""
+    """Write the report for the runs under ``study_dir`` to ``dest``; its figures, one per
+    federation and architecture group, go to ``figures/`` beside it."""
     runs = collect(study_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {study_dir}")
@@ -558,6 +583,6 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "",
     ]
     for i, (federation, fed_runs) in enumerate(sorted(by_fed.items())):
-        lines += federation_section(federation, fed_runs, figures / f"{dest.stem}-{i}.png")
+        lines += federation_section(federation, fed_runs, figures / f"{dest.stem}-{i}")
     dest.write_text("\n".join(lines), encoding="utf-8")
     return dest

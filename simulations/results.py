@@ -130,7 +130,7 @@ def summarize(run_dir: Path, title: str, seconds: float, groups: Sequence[str] =
     """
     lines = read_lines(run_dir)
     curves = group_curves(lines)
-    chance = group_curves(lines, "chance")
+    chance = chance_levels(lines)
     traffic = bytes_per_round(lines)
     text = "\n".join(
         [
@@ -166,6 +166,15 @@ def summarize(run_dir: Path, title: str, seconds: float, groups: Sequence[str] =
     return run_dir / "summary.md"
 
 
+def chance_levels(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """Group -> its chance level at its last evaluation (example-weighted over its clients).
+
+    Groups whose evaluations carry no ``chance`` (runs from before it was reported) are left
+    out.
+    """
+    return {g: list(c.values())[-1] for g, c in group_curves(lines, "chance").items() if c}
+
+
 def _last_evaluations(lines: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Group -> client -> its last evaluation line."""
     last: dict[str, dict[str, dict[str, Any]]] = {}
@@ -178,14 +187,15 @@ def _last_evaluations(lines: list[dict[str, Any]]) -> dict[str, dict[str, dict[s
 def score_table(
     lines: list[dict[str, Any]],
     curves: dict[str, dict[int, float]],
-    chance: dict[str, dict[int, float]],
+    chance: dict[str, float],
 ) -> list[str]:
+    """The final score of each evaluated group with its chance level beside it."""
     rows = ["| group | clients | score | final | chance | loss |", "|---|---:|---|---:|---:|---:|"]
     for group, members in sorted(_last_evaluations(lines).items()):
         first = next(iter(members.values()))
         key = next((k for k in SCORE_KEYS if k in first), "n/a")
         final = f"{list(curves[group].values())[-1]:.4f}" if curves.get(group) else "n/a"
-        level = f"{list(chance[group].values())[-1]:.4f}" if chance.get(group) else "n/a"
+        level = f"{chance[group]:.4f}" if group in chance else "n/a"
         losses = [m["loss"] for m in members.values() if "loss" in m]
         loss = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
         rows.append(f"| {group} | {len(members)} | {key} | {final} | {level} | {loss} |")
@@ -218,8 +228,8 @@ def one_class_flags(lines: list[dict[str, Any]]) -> list[str]:
     """Lines flagging each client whose last evaluation puts nearly every prediction in one
     class (a model stuck on its majority class looks like a normal curve otherwise)."""
     flags = [
-        f"- **{cid}** ({group}) predicts one class for {100 * m['top_share']:.0f} % of its "
-        "evaluation examples"
+        f"- **{cid}** ({group}) predicts one class for ~everything: {m['top_share']:.2f} of its "
+        "evaluation predictions (QA: 'no answer')"
         for group, members in sorted(_last_evaluations(lines).items())
         for cid, m in sorted(members.items())
         if m.get("top_share", 0.0) >= ONE_CLASS
@@ -228,6 +238,7 @@ def one_class_flags(lines: list[dict[str, Any]]) -> list[str]:
 
 
 def label_table(lines: list[dict[str, Any]]) -> list[str]:
+    """Training examples per class (columns) of each client, from its latest train line."""
     counts = {
         x["client"]: (x["group"], x["label_counts"])
         for x in lines
@@ -239,7 +250,8 @@ def label_table(lines: list[dict[str, Any]]) -> list[str]:
     rows = ["| client | group | " + " | ".join(str(i) for i in range(width)) + " |"]
     rows.append("|---|---|" + "---:|" * width)
     for cid, (group, c) in sorted(counts.items()):
-        rows.append(f"| {cid} | {group} | " + " | ".join(str(int(v)) for v in c) + " |")
+        cells = [str(int(v)) for v in c] + [""] * (width - len(c))  # fewer classes: blank
+        rows.append(f"| {cid} | {group} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -262,20 +274,28 @@ def transfers(lines: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, floa
     }
 
 
+def round_axis(ax: plt.Axes) -> None:
+    """Whole rounds on the x axis, also when there is a single one."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def _plot_curves(
-    curves: dict[str, dict[int, float]],
-    chance: dict[str, dict[int, float]],
-    path: Path,
-    title: str,
+    curves: dict[str, dict[int, float]], chance: dict[str, float], path: Path, title: str
 ) -> None:
+    """Score per round per group; each group's chance level dashed in its colour."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(curves.items()):
         (line,) = ax.plot(list(points), list(points.values()), marker="o", label=group)
-        if chance.get(group):
-            level = list(chance[group].values())[-1]
-            ax.axhline(level, color=line.get_color(), linestyle="--", linewidth=1)
+        if group in chance:
+            ax.axhline(
+                chance[group],
+                color=line.get_color(),
+                linestyle="--",
+                linewidth=1,
+                label=f"{group} chance",
+            )
     ax.set(xlabel="round", ylabel="accuracy / F1 (dashed: chance)", title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    round_axis(ax)
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -284,11 +304,17 @@ def _plot_curves(
     plt.close(fig)
 
 
+def bytes_note(traffic: dict[int, tuple[int, int]]) -> str | None:
+    """What ``bytes.png`` says instead of bars: :data:`NO_BYTES` when nothing travelled
+    (LocalOnly), else None."""
+    return None if any(d + u for d, u in traffic.values()) else NO_BYTES
+
+
 def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = list(traffic)
-    if not any(d + u for d, u in traffic.values()):
-        ax.text(0.5, 0.5, NO_BYTES, ha="center", va="center", transform=ax.transAxes)
+    if note := bytes_note(traffic):
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
     else:
         ax.bar(
             [r - 0.2 for r in rounds],
@@ -304,7 +330,7 @@ def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> 
         )
         ax.legend(fontsize=8)
     ax.set(xlabel="round", ylabel="bytes", title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    round_axis(ax)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -323,7 +349,7 @@ def _plot_transfer(stats: dict[str, dict[int, dict[str, float]]], path: Path, ti
     axes[0].set(xlabel="round", ylabel="transfer effect", title="how much the others change it")
     axes[1].set(xlabel="round", ylabel="attention share", title="who learns from whom")
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        round_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)

@@ -392,8 +392,9 @@ class PeerStrategy(Strategy):
             replied.add(nid)
             label = self._label(nid)
             if msg.has_error():
-                dropped[label] = f"error reply: {msg.error.reason}"
-                log.warning("client %s failed: %s", label, msg.error.reason)
+                cause = error_cause(msg.error.reason)
+                dropped[label] = f"error reply: {cause}"
+                log.warning("client %s failed: %s", label, cause)
                 continue
             try:
                 identity, manifest = p.ClientIdentity.from_content(msg.content)
@@ -538,6 +539,17 @@ class PeerStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group_arrays = state["group_arrays"]
+
+
+def error_cause(reason: str) -> str:
+    """The cause in an error reply's reason, on one line.
+
+    Flower wraps a ClientApp's exception as ``"<class '...ClientAppException'>:<'\\nException
+    ClientAppException occurred. Message: <the exception's text>'>"``; keep the text.
+    """
+    text = reason.split("Message:", 1)[1] if "Message:" in reason else reason
+    text = text.strip().removesuffix("'>").strip()
+    return " ".join(text.split()) or reason
 
 
 def _parse_metrics(content: RecordDict) -> tuple[dict[str, float], dict[str, list[float]]]:

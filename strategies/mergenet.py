@@ -192,7 +192,7 @@ class MergeNet(PeerStrategy):
             )
         pieces = {r.identity.client_id: r.extras["pieces"] for r in replies if "pieces" in r.extras}
         if self.generation is not None and pieces:
-            stats = self.hypernet.update(self.generation, pieces)
+            stats.update(self.hypernet.update(self.generation, pieces))
             log.info(
                 "round %d: adapter step from %d clients (gradient norm %.3g)",
                 server_round,

@@ -63,6 +63,18 @@ def test_untrained_mergenet_sharing_groups_is_exactly_group_fedavg():
     assert_same(mergenet, run(GroupFedAvg(**kwargs)))
 
 
+def test_every_transfer_round_records_who_learns_from_whom():
+    _, records = run(frozen("none", fraction_train=1.0, min_available_nodes=5))
+    transfers = [r["server"] for r in records if r["stage"] == "train" and r["server"]["transfer"]]
+    assert len(transfers) == 3 and all("step_norm" in s for s in transfers)
+    for server in transfers:
+        assert server["lambda"] and set(server["targets"]) <= {"m0", "m1", "m2", "c0", "c1"}
+        for layers in server["targets"].values():
+            for stats in layers.values():
+                assert stats["transfer_effect"] == 0.0  # a frozen adapter: no transfer
+                assert sum(stats["attention"].values()) == pytest.approx(1.0)
+
+
 def test_untrained_transfer_only_is_exactly_local_only():
     kwargs = dict(fraction_train=0.6, fraction_evaluate=0.6, min_available_nodes=5)
     assert_same(run(frozen("none", **kwargs)), run(LocalOnly(**kwargs)))

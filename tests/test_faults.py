@@ -84,3 +84,14 @@ def test_leaver_is_logged_and_its_packet_ages_out(caplog):
     # c0's last packet (round 2) stays a source while it is at most 2 rounds old
     assert [train(records, r)["server"]["bank"] for r in (3, 4, 5)] == [3, 3, 2]
     assert sorted(strategy.bank) == ["m0", "m1"]  # forgotten once older than 2 rounds
+
+
+def test_an_error_reply_is_logged_on_one_line_with_its_cause():
+    from strategies.base import error_cause
+
+    wrapped = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+        "ClientAppException occurred. Message: disk on fire\n  at round 3'>"
+    )
+    assert error_cause(wrapped) == "disk on fire at round 3"
+    assert error_cause("node went away") == "node went away"

@@ -7,15 +7,24 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from simulations.report import collect, study_seconds, write_report
+from simulations.report import Table, collect, method_curves, study_seconds, write_report
 
 
 def fake_run(
-    root, name, strategy, seed, scores, share="unselected", variant="lpka", qa=None, **top
+    root,
+    name,
+    strategy,
+    seed,
+    scores,
+    share="unselected",
+    variant="lpka",
+    qa=None,
+    chance=None,
+    **top,
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
-    (f1, em)) with the given accuracy per round; ``top`` sets top-level config keys, and
-    ``lr`` and ``optimizer`` the strategy's."""
+    (f1, em)) with the given accuracy per round and, if given, ``r8``'s chance level; ``top``
+    sets top-level config keys, and ``lr`` and ``optimizer`` the strategy's."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -70,6 +79,7 @@ def fake_run(
                     "num-examples": 10,
                     "accuracy": score,
                     "loss": 1.0,
+                    **({} if chance is None else {"chance": chance}),
                 }
             )
         if qa:
@@ -116,7 +126,8 @@ def test_report_means_gains_bytes_and_overhead(tmp_path):
     assert "| MergeNet (lpka) | 2 | 28.0 ± 2.8 |" in text
     assert "- MergeNet (lpka): r8 +7.0 ± 2.8" in text
     assert "2.0 %" in text  # client overhead
-    assert (tmp_path / "docs" / "figures" / "results-0.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "figures" / "results-0-r8.png").stat().st_size > 0
+    assert "| chance (always the most frequent label; QA: always 'no answer') | | – |" in text
 
 
 def test_report_checks_the_targets(tmp_path):
@@ -193,16 +204,43 @@ def test_paper_study_reports_paired_intervals_and_the_papers_targets(tmp_path):
         ("mergenet", "mlp"): (0.49, 0.51, 0.47),
     }
     for (strategy, variant), scores in finals.items():
+        lr = {"lr": 1e-5} if strategy == "mergenet" else {}  # named in the label: still found
         for seed, final in enumerate(scores):
-            fake_run(
-                study, f"{strategy}-{variant}-{seed}", strategy, seed, [0.1, final], variant=variant
-            )
+            name = f"{strategy}-{variant}-{seed}"
+            fake_run(study, name, strategy, seed, [0.1, final], variant=variant, **lr)
     text = report_text(study, tmp_path / "results-paper.md")
     # differences 2, 3, 4: mean 3, std 1, t(0.975, 2) = 4.303: half-width 2.48
-    assert "- MergeNet (lpka): r8 +3.0 [+0.5, +5.5]" in text
+    assert "- MergeNet (lpka, lr 1e-05): r8 +3.0 [+0.5, +5.5]" in text
     assert (
-        "| MergeNet (lpka) ≥ LocalOnly + 1 point: r8 | +3.0 points [+0.5, +5.5] (95 %, 3 seeds) | yes |"
-        in text
+        "| MergeNet (lpka, lr 1e-05) ≥ LocalOnly + 1 point: r8 | "
+        "+3.0 points [+0.5, +5.5] (95 %, 3 seeds) | yes |" in text
     )
     assert "lpka 53.0, avg 51.3, rows 50.3, mlp 49.0 | yes |" in text
     assert "| both models far above chance: LocalOnly ≥ 45 % | lowest 50.0 % | yes |" in text
+
+
+def test_each_group_has_a_figure_with_every_methods_mean_curve_and_chance(tmp_path):
+    study = tmp_path / "study"
+    qa = {1: (0.1, 0.0), 2: (0.4, 0.2)}
+    for seed, (local, merged) in enumerate([(0.2, 0.3), (0.4, 0.5)]):
+        chance = 0.1 + 0.1 * seed
+        fake_run(study, f"l{seed}", "local", seed, [0.1, local], qa=qa, chance=chance)
+        fake_run(study, f"m{seed}", "mergenet", seed, [0.2, merged], qa=qa, chance=chance)
+    text = report_text(study, tmp_path / "results.md")
+    assert "| qa (f1 / em) | r8 (accuracy) |" in text
+    # chance beside each group: r8's mean over its runs; qa's runs report none
+    assert (
+        "| chance (always the most frequent label; QA: always 'no answer') | | – | 15.0 |" in text
+    )
+    for group in ("qa", "r8"):
+        assert (tmp_path / "figures" / f"results-0-{group}.png").stat().st_size > 0
+        assert f"](figures/results-0-{group}.png)" in text
+    assert not (tmp_path / "figures" / "results-0.png").exists()
+
+    table = Table.of(collect(study))
+    assert method_curves(table, "r8") == {
+        "LocalOnly": {1: pytest.approx(0.1), 2: pytest.approx(0.3)},
+        "MergeNet (lpka)": {1: pytest.approx(0.2), 2: pytest.approx(0.4)},
+    }
+    assert list(method_curves(table, "qa")) == ["LocalOnly", "MergeNet (lpka)"]
+    assert table.chance("r8") == pytest.approx(0.15) and table.chance("qa") is None

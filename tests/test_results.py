@@ -2,6 +2,9 @@
 
 import json
 
+import matplotlib.pyplot as plt
+import pytest
+
 from simulations import results
 
 
@@ -9,18 +12,19 @@ def write(run_dir, lines):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
-def evaluation(client, group, accuracy, chance, top_share, rnd=2):
-    return {
+def evaluation(client, group, accuracy, chance=None, top_share=None, rnd=2, n=100):
+    """An evaluate line; ``chance`` and ``top_share`` left out when None (runs before them)."""
+    line = {
         "round": rnd,
         "stage": "evaluate",
         "client": client,
         "group": group,
-        "num-examples": 100,
+        "num-examples": n,
         "loss": 1.0,
         "accuracy": accuracy,
-        "chance": chance,
-        "top_share": top_share,
     }
+    extra = {"chance": chance, "top_share": top_share}
+    return line | {k: v for k, v in extra.items() if v is not None}
 
 
 def train(client, group, counts, rnd=1, **extra):
@@ -37,46 +41,135 @@ def train(client, group, counts, rnd=1, **extra):
     }
 
 
-def test_summary_shows_chance_label_counts_and_a_client_stuck_on_one_class(tmp_path):
-    write(
+def dropped(client, reason, group=None, rnd=1):
+    return {"round": rnd, "stage": "train", "client": client, "dropped": reason} | (
+        {"group": group} if group else {}
+    )
+
+
+def summary(run_dir, lines, groups=()):
+    write(run_dir, lines)
+    return results.summarize(run_dir, "t", 1.0, groups).read_text()
+
+
+def test_summary_shows_chance_beside_the_final_score(tmp_path):
+    text = summary(
         tmp_path,
         [
             train("a", "cnn", [30, 10]),
             train("b", "bert", [5, 45]),
-            evaluation("a", "cnn", 0.62, 0.5, 0.5),
-            evaluation("b", "bert", 0.52, 0.52, 1.0),
+            evaluation("a", "cnn", 0.62, chance=0.5, top_share=0.5),
+            evaluation("b", "bert", 0.52, chance=0.52, top_share=0.6),
         ],
+        ["cnn", "bert"],
     )
-    text = results.summarize(tmp_path, "t", 1.0, ["cnn", "bert"]).read_text()
-    assert "| cnn | 1 | accuracy | 0.6200 | 0.5000 |" in text
-    assert "| bert | 1 | accuracy | 0.5200 | 0.5200 |" in text
-    assert "| a | cnn | 30 | 10 |" in text and "| b | bert | 5 | 45 |" in text
-    assert "**b** (bert) predicts one class for 100 %" in text
-    assert "**a**" not in text  # half its predictions in one class: not flagged
-    assert "Missing groups" not in text
+    assert "| group | clients | score | final | chance | loss |" in text
+    assert "| cnn | 1 | accuracy | 0.6200 | 0.5000 | 1.0000 |" in text
+    assert "| bert | 1 | accuracy | 0.5200 | 0.5200 | 1.0000 |" in text
+    assert "Wall time: 1.0 s. Rounds: 1." in text and "Dropped replies: 0." in text
+    assert "Missing groups" not in text and "predicts one class" not in text
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "bytes.png").stat().st_size > 0
 
 
-def test_a_group_that_never_trained_is_named_with_its_reasons(tmp_path):
-    write(
+def test_chance_is_example_weighted_over_a_groups_clients_at_its_last_evaluation():
+    lines = [
+        evaluation("a", "cnn", 0.6, chance=0.9, rnd=1),
+        evaluation("a", "cnn", 0.6, chance=0.5, n=100),
+        evaluation("b", "cnn", 0.6, chance=0.2, n=300),
+        evaluation("c", "old", 0.6),
+    ]
+    assert results.chance_levels(lines) == {"cnn": pytest.approx(0.275)}
+
+
+def test_a_run_from_before_chance_and_top_share_shows_na_and_flags_nobody(tmp_path):
+    text = summary(tmp_path, [evaluation("a", "cnn", 0.62)], ["cnn"])
+    assert "| cnn | 1 | accuracy | 0.6200 | n/a | 1.0000 |" in text
+    assert "predicts one class" not in text
+    assert "Training examples per class, per client:\n\n(not reported)" in text
+
+
+def test_label_counts_per_client_from_its_latest_train_line(tmp_path):
+    text = summary(
         tmp_path,
         [
-            train("a", "cnn", [1, 1]),
-            {"round": 1, "stage": "train", "client": "c", "group": "qa", "dropped": "boom"},
-            evaluation("a", "cnn", 0.6, 0.5, 0.5),
+            train("a", "cnn", [1, 1, 1]),
+            train("a", "cnn", [30, 10, 7], rnd=2),
+            train("b", "bert", [5, 45], rnd=2),
         ],
     )
-    text = results.summarize(tmp_path, "t", 1.0, ["cnn", "qa"]).read_text()
-    assert "**Missing groups**" in text and "- qa: boom" in text
+    assert "| client | group | 0 | 1 | 2 |\n|---|---|---:|---:|---:|" in text
+    assert "| a | cnn | 30 | 10 | 7 |" in text
+    assert "| b | bert | 5 | 45 |  |" in text  # two classes: the third cell is blank
+    assert "| a | cnn | 1 | 1 | 1 |" not in text
 
 
-def test_a_run_without_traffic_says_so_instead_of_an_empty_chart(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("top_share", "flagged"), [(1.0, True), (0.95, True), (0.5, False)])
+def test_a_client_predicting_one_class_for_everything_is_flagged(tmp_path, top_share, flagged):
+    lines = [
+        evaluation("a", "cnn", 0.9, chance=0.1, top_share=0.2),
+        evaluation("b", "cnn", 0.1, chance=0.1, top_share=1.0, rnd=1),  # its last one counts
+        evaluation("b", "cnn", 0.1, chance=0.1, top_share=top_share),
+    ]
+    text = summary(tmp_path, lines)
+    flag = f"- **b** (cnn) predicts one class for ~everything: {top_share:.2f}"
+    assert (flag in text) is flagged
+    assert "**a**" not in text
+
+
+def test_a_missing_group_is_named_with_its_clients_distinct_reasons(tmp_path):
+    lines = [
+        train("a", "cnn", [1, 1]),
+        evaluation("a", "cnn", 0.6),
+        dropped("c", "boom", "qa"),
+        dropped("c", "boom", "qa", rnd=2),
+        dropped("d", "out of memory", "qa"),
+        dropped("x", "no identity"),  # the group's own reasons are known: not listed
+    ]
+    text = summary(tmp_path, lines, ["cnn", "qa"])
+    assert "**Missing groups**" in text
+    assert "- qa: boom; out of memory\n" in text
+    assert "- cnn" not in text and "Dropped replies: 4." in text
+
+
+def test_a_missing_group_without_named_drops_gets_the_unnamed_reasons(tmp_path):
+    lines = [train("a", "cnn", [1, 1]), evaluation("a", "cnn", 0.6), dropped("?", "timeout")]
+    text = summary(tmp_path, lines, ["cnn", "qa", "bert"])
+    assert "- qa: timeout\n" in text and "- bert: timeout\n" in text
+
+
+def test_a_run_without_traffic_says_so_instead_of_an_empty_chart(tmp_path):
+    assert results.bytes_note({1: (0, 0), 2: (0, 0)}) == results.NO_BYTES
+    assert results.bytes_note({}) == results.NO_BYTES
+    assert results.bytes_note({1: (0, 0), 2: (10, 4)}) is None
+    results._plot_bytes({1: (0, 0)}, tmp_path / "bytes.png", "local")
+    assert (tmp_path / "bytes.png").stat().st_size > 0
+
+
+def test_a_single_round_gets_a_single_whole_round_tick():
+    fig, ax = plt.subplots()
+    ax.plot([1], [0.5], marker="o")
+    results.round_axis(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1.0]
+    plt.close(fig)
+
+
+def test_each_groups_chance_is_a_labelled_dashed_line(tmp_path, monkeypatch):
     drawn = []
+    axhline = plt.Axes.axhline
     monkeypatch.setattr(
-        results.plt.Axes, "text", lambda self, *args, **kwargs: drawn.append(args[2])
+        plt.Axes,
+        "axhline",
+        lambda self, y, **kw: (
+            drawn.append((y, kw["linestyle"], kw["label"])) or axhline(self, y, **kw)
+        ),
     )
-    results._plot_bytes({1: (0, 0), 2: (0, 0)}, tmp_path / "bytes.png", "local")
-    assert drawn == [results.NO_BYTES] and (tmp_path / "bytes.png").exists()
+    curves = {"cnn": {1: 0.3}, "bert": {1: 0.6}}
+    results._plot_curves(curves, {"cnn": 0.1}, tmp_path / "accuracy.png", "t")
+    assert drawn == [(0.1, "--", "cnn chance")]  # bert reports no chance: no line
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
 def test_who_learns_from_whom_per_target_group_and_round():
