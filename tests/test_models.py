@@ -16,6 +16,7 @@ TEXT_ARCHS = ["bert_tiny", "bert_small"]
 
 # Expected transfer layers: module name -> (in_features, out_features), num_classes = 5.
 EXPECTED_LAYERS = {
+    "cnn4": {"fc": (512, 5)},
     "resnet18": {"fc": (512, 5)},
     "resnet8": {"fc": (64, 5)},
     "mobilenet_v2": {"classifier.1": (1280, 5)},
