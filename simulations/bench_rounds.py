@@ -46,8 +46,8 @@ def run_scenario(name: str, rounds: int | None) -> dict[str, float | str | int]:
     if name == "flower-floor":
         return _floor(rounds or 60)
     from simulations.config import compose
-    from simulations.results import read_lines
     from simulations.run import simulate
+    from strategies.runlog import read_lines
 
     overrides = ["checkpoint=false"] + (
         PAPER + [f"num_rounds={rounds or 60}"] if name == "paper" else []

@@ -95,8 +95,10 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             saved = mc.load_model_file(str(state_dir), client_id, server_round - 1, work.model)
             if saved:
                 work.train_state = _decode_train_state(saved)
+        extension = cfg.build_extension(work.head, work.data.num_classes)
         start = time.perf_counter()
         installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
+        extension.begin(msg, work.model)
         overhead = time.perf_counter() - start
         partition_id = int(context.node_config["partition-id"])
         steps = cfg.local_steps
@@ -110,6 +112,19 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             data_seed=cfg.seed * 100_003 + partition_id * 1009,
             state=work.train_state,
             device=resolve_device(cfg.device),
+            extension=extension if extension.adds_loss else None,
+            head=work.head,
+        )
+        records = extension.end(
+            msg,
+            work.model,
+            lambda: work.task.embed(
+                work.model,
+                work.train_set,
+                work.head,
+                batch_size=cfg.batch_size * 2,
+                device=resolve_device(cfg.device),
+            ),
         )
         work.model.cpu()  # factors and replies are built on the CPU
         save(context, work)
@@ -124,7 +139,14 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
         }
         return mc.reply(
-            msg, work.model, work.layers, work.identity, installed, metrics, rank=cfg.rank
+            msg,
+            work.model,
+            work.layers,
+            work.identity,
+            installed,
+            metrics,
+            rank=cfg.rank,
+            extra=records,
         )
 
     @app.evaluate()

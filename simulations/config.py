@@ -19,14 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
 from simulations.tasks import resolve_device
-from strategies import GroupFedAvg, LocalOnly, MergeNet, PeerStrategy
+from strategies import FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet, PeerStrategy
 from strategies.base import RoundSink
+from strategies.extension import ClientExtension, Prototypes, SharedHead
 from strategies.protocol import SHARE_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("mergenet", "local", "groupfedavg")
+STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto")
+# strategies whose clients exchange the head or its input: one head shape / feature width
+SHARED_HEAD = ("lgfedavg", "fedproto")
 PARTITIONS = ("iid", "dirichlet")
-EVAL_SPLITS = ("test", "validation")
+EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
 
@@ -145,6 +148,10 @@ class ExperimentConfig:
             return LocalOnly(**common)
         if name == "groupfedavg":
             return GroupFedAvg(**common)
+        if name == "lgfedavg":
+            return LGFedAvg(**common)
+        if name == "fedproto":
+            return FedProto(**common)
         return MergeNet(
             hypernet=self.hypernet(),
             transfer_every=self.transfer_every,
@@ -155,6 +162,15 @@ class ExperimentConfig:
             clip_pieces=self.strategy.get("clip_pieces", 100.0),
             **common,
         )
+
+    def build_extension(self, head: str, num_classes: int) -> ClientExtension:
+        """The strategy's client side for a client whose model's head is module ``head``."""
+        name = self.strategy["name"]
+        if name == "lgfedavg":
+            return SharedHead(head)
+        if name == "fedproto":
+            return Prototypes(num_classes, weight=float(self.strategy.get("weight", 1.0)))
+        return ClientExtension()  # MergeNet's steps are the protocol's receive and reply
 
 
 def compose(overrides: list[str] | str = ()) -> ExperimentConfig:
@@ -234,6 +250,11 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         strategy.get("group_targets") in (None, True, False),
         "strategy.group_targets must be true, false or null, got "
         f"{strategy.get('group_targets')!r}",
+    )
+    weight = strategy.get("weight", 1.0)
+    need(
+        isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+        f"strategy.weight must be a number >= 0, got {weight!r}",
     )
     adapter = dict(raw.get("adapter") or {})
     need(

@@ -20,7 +20,7 @@ from simulations import cache
 from simulations import data as D
 from simulations.cache import KeyedCache
 from simulations.config import ExperimentConfig
-from simulations.models import build_model
+from simulations.models import ARCHITECTURES, build_model
 from simulations.tasks import Task, TrainState, get_task
 from strategies import ClientIdentity
 
@@ -65,6 +65,7 @@ class Workload:
     task: Task
     data: ClientData
     initial_state: dict[str, torch.Tensor]
+    head: str  # module name of the model's output layer (its input: the features)
     train_state: TrainState = field(default_factory=TrainState)
     synced: str | None = None  # token of the context.state that model and train_state hold
 
@@ -118,7 +119,8 @@ def build_workload(
         layers = select_layers(model, as_spec(spec.layers, spec.exclude))
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         identity = client_identity(cfg, partition_id, client_id)
-        return Workload(identity, model, layers, get_task(spec.task), data, initial)
+        head = ARCHITECTURES[spec.arch].head
+        return Workload(identity, model, layers, get_task(spec.task), data, initial, head)
 
     return _WORKLOADS.get(parts, build)
 
@@ -145,7 +147,8 @@ def _data_parts(cfg: ExperimentConfig, dataset: str, index: int) -> dict[str, ob
 
 def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
     """Train partition ``index`` of the dataset's clients and an evaluation subset (of the test
-    split, or ``cfg.eval_split == "validation"``: of the training rows no client trains on)."""
+    split; ``local``: with the label distribution of the client's partition; ``validation``:
+    of the training rows no client trains on)."""
     validation = cfg.eval_split == "validation"
     seed = cfg.seed * 1000 + index
     if name in IMAGE_DATASETS:
@@ -158,7 +161,7 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
             x, y = images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN]
             tx, ty = (x, y) if validation else (images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
-        train, held_out = _split(cfg, name, y, index, len(ty), seed)
+        train, held_out = _split(cfg, name, y, index, np.asarray(ty), seed)
         return ClientData(
             D.ImageDataset(x[train], y[train], train=True),
             D.ImageDataset(tx[held_out], ty[held_out], train=False),
@@ -182,7 +185,7 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             test_texts, test_labels = texts, labels
         tokenizer = D.build_tokenizer(cfg.data_dir)
         y = np.asarray(labels)
-        train, held_out = _split(cfg, name, y, index, len(test_labels), seed)
+        train, held_out = _split(cfg, name, y, index, np.asarray(test_labels), seed)
         return ClientData(
             D.TextClassificationDataset(
                 [texts[i] for i in train], [labels[i] for i in train], tokenizer, TEXT_MAX_LENGTH
@@ -203,7 +206,8 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
         test = examples if validation else D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
         tokenizer = D.build_tokenizer(cfg.data_dir)
         answerable = np.array([0 if ex.is_impossible else 1 for ex in examples])
-        train, held_out = _split(cfg, name, answerable, index, len(test), seed)
+        test_answerable = np.array([0 if ex.is_impossible else 1 for ex in test])
+        train, held_out = _split(cfg, name, answerable, index, test_answerable, seed)
         return ClientData(
             D.QADataset([examples[i] for i in train], tokenizer, QA_MAX_LENGTH),
             D.QADataset([test[i] for i in held_out], tokenizer, QA_MAX_LENGTH),
@@ -220,14 +224,21 @@ def _counts(labels: np.ndarray, num_classes: int) -> tuple[int, ...]:
 
 
 def _split(
-    cfg: ExperimentConfig, dataset: str, labels: np.ndarray, index: int, n_eval: int, seed: int
+    cfg: ExperimentConfig,
+    dataset: str,
+    labels: np.ndarray,
+    index: int,
+    eval_labels: np.ndarray,
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of client ``index``'s training partition, and its evaluation rows.
 
     The dataset's training rows are split among the clients that use it (flwr-datasets,
     each client capped at its example count). Evaluation rows are ``cfg.test_examples`` of
-    the ``n_eval`` test rows, or for validation of the training rows that no client holds,
-    so that settings can be chosen without looking at the test split.
+    the test rows (``eval_labels`` are their labels): uniformly drawn (``test``), or with the
+    label distribution of the client's partition (``local``, how personalised FL scores a
+    client); or for ``validation`` of the training rows that no client holds, so that
+    settings can be chosen without looking at the test split.
     """
     caps = [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)]
     parts = D.partitions(
@@ -241,7 +252,26 @@ def _split(
     if cfg.eval_split == "validation":
         unused = np.setdiff1d(np.arange(len(labels)), np.concatenate(parts))
         return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)]
-    return parts[index], _subset(n_eval, cfg.test_examples, seed)
+    if cfg.eval_split == "local":
+        return parts[index], local_rows(eval_labels, labels[parts[index]], cfg.test_examples, seed)
+    return parts[index], _subset(len(eval_labels), cfg.test_examples, seed)
+
+
+def local_rows(eval_labels: np.ndarray, train_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """About ``k`` rows of ``eval_labels: (N,)`` whose label shares follow ``train_labels``'
+    (largest remainder; a class with fewer rows gives all it has), drawn without replacement."""
+    classes = max(int(eval_labels.max(initial=0)), int(train_labels.max(initial=0))) + 1
+    share = np.bincount(train_labels, minlength=classes) / max(len(train_labels), 1)
+    quota = np.floor(share * k).astype(int)
+    order = np.argsort(-(share * k - quota), kind="stable")
+    quota[order[: k - quota.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    rows = [
+        rng.choice(pool, size=min(q, len(pool)), replace=False)
+        for c, q in enumerate(quota)
+        if q > 0 and len(pool := np.flatnonzero(eval_labels == c))
+    ]
+    return np.sort(np.concatenate(rows)) if rows else np.arange(0)
 
 
 def _subset(n: int, k: int, seed: int) -> np.ndarray:

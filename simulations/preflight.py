@@ -14,7 +14,7 @@ import torch
 
 from mergenet_fl import as_spec, select_layers
 from simulations import data as D
-from simulations.config import ConfigError, ExperimentConfig
+from simulations.config import SHARED_HEAD, ConfigError, ExperimentConfig
 from simulations.federation import DATASETS, IMAGE_DATASETS, QA_DATASETS, SYNTHETIC_CLASSES
 from simulations.models import ARCHITECTURES
 from simulations.tasks import TASKS
@@ -31,6 +31,7 @@ def task_of_dataset(dataset: str) -> str:
 def problems(cfg: ExperimentConfig) -> list[str]:
     """Everything that would make a client of ``cfg`` fail, one line each."""
     found: list[str] = []
+    heads: dict[str, tuple[int, ...] | None] = {}  # group -> its head's (classes, features)
     for i, group in enumerate(cfg.clients):
         where = f"federation.clients[{i}] ({group.group})"
         known = True
@@ -58,6 +59,13 @@ def problems(cfg: ExperimentConfig) -> list[str]:
             select_layers(model, as_spec(group.layers, group.exclude))
         except ValueError as exc:
             found.append(f"{where}: layers {list(group.layers)}: {exc}")
+        spec = ARCHITECTURES[group.arch]
+        classification = group.task != "extractive_qa"
+        heads[group.group] = (
+            tuple(model.get_submodule(spec.head).weight.shape) if classification else None
+        )
+    if cfg.strategy.get("name") in SHARED_HEAD:
+        found += _shared_head_problems(str(cfg.strategy["name"]), heads)
     for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
         found += D.check_dataset_files(dataset, cfg.data_dir)
     if cfg.strategy.get("name") == "mergenet":
@@ -69,6 +77,24 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         found.append(
             f"resume={cfg.resume!r}: no checkpoint (server.ckpt) there; resume takes the folder "
             "of a run started with checkpoint=true"
+        )
+    return found
+
+
+def _shared_head_problems(strategy: str, heads: dict[str, tuple[int, ...] | None]) -> list[str]:
+    """LG-FedAvg averages the head, FedProto the head's input per class: both need one head
+    shape ``(classes, features)`` across the federation, and a classification head."""
+    found = [
+        f"strategy {strategy}: group {g!r} is extractive QA, which has no class head"
+        for g, shape in heads.items()
+        if shape is None
+    ]
+    shapes = {g: shape for g, shape in heads.items() if shape is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{g} {shape}" for g, shape in shapes.items())
+        found.append(
+            f"strategy {strategy} needs one head shape (classes, features) for every client, and "
+            f"this federation has {listed}; use one whose models share it (federation=htfe2)"
         )
     return found
 

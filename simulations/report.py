@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from simulations.config import CONF_DIR
 from simulations.models import build_model
 from simulations.preflight import NUM_CLASSES
-from simulations.results import (
+from strategies.runlog import (
     SCORE_KEYS,
     bytes_per_round,
     chance_levels,
@@ -559,12 +559,13 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
     splits = {run.eval_split for run in runs}
     if len(splits) > 1:
         raise ValueError(f"{study_dir} mixes runs scored on {sorted(splits)}; report them apart")
-    on_test = splits == {"test"}
-    scored_on = (
-        "each client's test examples"
-        if on_test
-        else "each client's validation examples (training rows that no client trains on)"
-    )
+    on_test = splits != {"validation"}
+    scored_on = {
+        "test": "each client's test examples, a uniform sample of the test split",
+        "local": "each client's test examples, drawn with its training partition's label "
+        "distribution as personalised FL scores a client (`eval_split=local`)",
+        "validation": "each client's validation examples, training rows that no client trains on",
+    }[next(iter(splits))]
     lines = [
         f"# {title}",
         "",

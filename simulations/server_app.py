@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 
 from simulations.config import ExperimentConfig, compose
 from simulations.preflight import preflight
-from simulations.results import RunRecorder, new_run_dir, read_lines, summarize
+from simulations.results import new_run_dir
 from strategies.base import NotEnoughNodes
 from strategies.checkpoint import Checkpointer, load_checkpoint
 from strategies.protocol import CLIENT_STATE_DIR
+from strategies.runlog import RunLog, read_lines, summarize
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "clients", ignore_errors=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
-    recorder = RunRecorder(run_dir)
+    recorder = RunLog(run_dir, summary=False)  # summarized below, with the whole run's time
     strategy = cfg.build_strategy(on_round=recorder)
     train_config = {"local-epochs": cfg.local_epochs}
     done = 0

@@ -33,7 +33,7 @@ import string
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from simulations.data import QADataset
+from strategies.extension import ClientExtension
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ class Task(Protocol):
         data_seed: int | None = None,
         lr: float | None = None,
         device: Device = "cpu",
+        extension: ClientExtension | None = None,
+        head: str | None = None,
     ) -> dict[str, float]:
         """Train ``model`` in place; return ``train_loss``, ``train_seconds``, ``num_examples``."""
         ...
@@ -227,6 +230,29 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+HEAD_INPUT = "_mergenet_head_input"  # where head_inputs() leaves the last batch's features
+
+
+@contextmanager
+def head_inputs(model: nn.Module, head: str | None) -> Iterator[None]:
+    """Keep the input of module ``head`` (the features, ``(B, d)``) of every forward pass on
+    ``model`` as ``getattr(model, HEAD_INPUT)``, until the block ends."""
+    if head is None:
+        yield
+        return
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        setattr(model, HEAD_INPUT, args[0])
+
+    handle = model.get_submodule(head).register_forward_pre_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
+        if hasattr(model, HEAD_INPUT):
+            delattr(model, HEAD_INPUT)
+
+
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -256,6 +282,13 @@ class _SupervisedTask:
     ) -> tuple[torch.Tensor, int]:
         """Return the mean loss of ``batch`` and its size."""
         raise NotImplementedError
+
+    def _extended_loss(
+        self, model: nn.Module, batch: Any, device: torch.device, extension: ClientExtension
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The task's loss, the loss with ``extension``'s term added, and the batch size.
+        Only classification tasks take extensions (they see logits and labels)."""
+        raise ValueError(f"{self.name} takes no client extension")
 
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -288,6 +321,8 @@ class _SupervisedTask:
         data_seed: int | None = None,
         lr: float | None = None,
         device: Device = "cpu",
+        extension: ClientExtension | None = None,
+        head: str | None = None,
     ) -> dict[str, float]:
         """Train ``model`` in place on ``dataset`` for ``steps`` batches or ``epochs`` passes.
 
@@ -313,11 +348,15 @@ class _SupervisedTask:
             Learning rate; defaults to ``self.config.lr``.
         device : str or torch.device
             Where to train.
+        extension : ClientExtension, optional
+            A method's client side: its :meth:`~strategies.extension.ClientExtension.loss` is
+            added to every batch's loss (``head``: the module whose input are the features).
 
         Returns
         -------
         dict[str, float]
-            ``train_loss`` (mean per-example loss over this call's batches), ``train_steps``,
+            ``train_loss`` (mean per-example task loss over this call's batches, without the
+            extension's term), ``train_steps``,
             ``train_seconds`` (wall clock) and ``num_examples`` (``len(dataset)``). An empty
             dataset trains nothing and returns zeros.
         """
@@ -350,11 +389,16 @@ class _SupervisedTask:
             optimizer.load_state_dict(state.optimizer)
         start = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        with _seeded(seed, dev):
+        capture = head_inputs(model, head) if extension is not None else nullcontext()
+        with _seeded(seed, dev), capture:
             for batch in self._loader(dataset, batches, dev):
-                loss, size = self._batch_loss(model, batch, dev)
+                if extension is None:
+                    loss, size = self._batch_loss(model, batch, dev)
+                    total = loss
+                else:
+                    loss, total, size = self._extended_loss(model, batch, dev, extension)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
                 if self.config.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
                 optimizer.step()
@@ -432,6 +476,32 @@ class _ClassificationTask(_SupervisedTask):
     ) -> tuple[torch.Tensor, int]:
         logits, labels = self._logits_and_labels(model, batch, device)
         return F.cross_entropy(logits, labels), labels.shape[0]
+
+    def _extended_loss(
+        self, model: nn.Module, batch: Any, device: torch.device, extension: ClientExtension
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        logits, labels = self._logits_and_labels(model, batch, device)
+        loss = F.cross_entropy(logits, labels)
+        features = getattr(model, HEAD_INPUT, None)
+        extra = extension.loss(features, logits, labels)
+        return loss, loss if extra is None else loss + extra, labels.shape[0]
+
+    @torch.no_grad()
+    def embed(
+        self, model: nn.Module, dataset: Dataset, head: str, *, batch_size: int, device: Device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(features: (B, d), labels: (B,))`` of ``dataset`` under ``model`` in eval mode;
+        the features are the input of the module ``head``."""
+        dev = torch.device(device)
+        was_training = model.training
+        model.to(dev).eval()
+        try:
+            with head_inputs(model, head):
+                for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                    _, labels = self._logits_and_labels(model, batch, dev)
+                    yield getattr(model, HEAD_INPUT), labels
+        finally:
+            model.train(was_training)
 
     @torch.no_grad()
     def evaluate(

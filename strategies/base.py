@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from mergenet_fl import PacketError
 from strategies import protocol as p
 from strategies.checkpoint import set_rng_state
+from strategies.logs import show_in_flower_log
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class PeerStrategy(Strategy):
             raise ValueError(f"evaluate_every must be >= 1, got {evaluate_every}")
         if node_wait is not None and not node_wait > 0:
             raise ValueError(f"node_wait must be > 0 or None, got {node_wait}")
+        show_in_flower_log()  # a plain Flower app shows this strategy's INFO lines
         self.share = share
         self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
         self.fraction_evaluate, self.min_evaluate_nodes = fraction_evaluate, min_evaluate_nodes
@@ -134,6 +136,9 @@ class PeerStrategy(Strategy):
         self._absent: list[str] = []  # known clients that are no longer connected
         self.identities: dict[int, p.ClientIdentity] = {}  # Flower node id -> client
         self.group_arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.initial: dict[str, np.ndarray] = {}  # start()'s initial_arrays
+        self._started: set[str] = set()  # clients that answered a train message
+        self._initial_fit: dict[str, bool] = {}  # group -> whether initial_arrays fit it
         self._bytes_down: dict[int, int] = {}
         self._sampled: list[int] = []
 
@@ -181,8 +186,35 @@ class PeerStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Flower's loop; this strategy only needs to know which round is the last."""
+        """Flower's loop, with its arguments made meaningful for a heterogeneous federation.
+
+        ``initial_arrays``: the starting point of every client whose model they fit (same
+        parameter names and shapes, or a subset of them), loaded before its first training;
+        each group is told in the log whether they fitted its model. ``evaluate_fn``: called
+        with ``initial_arrays`` at round 0 (when given), then once per architecture group with
+        the group's averaged model (``share="all"`` only), its metrics named
+        ``"<group>/<metric>"``; a group it cannot evaluate is warned about once and skipped.
+        ``Result.arrays``: every group's averaged parameters as ``"<group>/<name>"``
+        (:func:`~strategies.protocol.group_state_dicts` splits them), empty with
+        ``share="none"``, where each model stays on its client.
+        """
         self.last_round = self.round_offset + num_rounds
+        self.initial = p.from_record(initial_arrays) if len(initial_arrays) else {}
+        if evaluate_fn is not None and self.share != "all":
+            log.warning(
+                "evaluate_fn is called once per architecture group with the group's averaged "
+                "model, which exists only with share='all' (here share=%r): it will not be "
+                "called after round 0. Evaluate on the clients instead (their evaluate replies)",
+                self.share,
+            )
+        log.info(
+            "Result.arrays will hold %s",
+            "nothing: with share='none' each model stays on its client (save it there, e.g. "
+            "with strategies.client.save_model_file)"
+            if self.share == "none"
+            else "each architecture group's averaged parameters as '<group>/<name>' "
+            "(strategies.group_state_dicts splits them)",
+        )
         return super().start(
             grid,
             initial_arrays,
@@ -190,8 +222,42 @@ class PeerStrategy(Strategy):
             timeout,
             train_config,
             evaluate_config,
-            evaluate_fn,
+            None if evaluate_fn is None else self._per_group(evaluate_fn),
         )
+
+    def _per_group(
+        self, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]
+    ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """``evaluate_fn`` on ``initial_arrays`` at round 0, then on each group's model."""
+        skipped: set[str] = set()  # groups the function failed on
+
+        def call(server_round: int, arrays: ArrayRecord, group: str) -> MetricRecord | None:
+            try:
+                return evaluate_fn(server_round, arrays)
+            except Exception as exc:  # the user's function; a failure must not end the run
+                what = f"group {group!r}" if group else "the initial arrays"
+                log.warning(
+                    "evaluate_fn cannot evaluate %s (%s: %s); it is skipped from now on",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
+                skipped.add(group)
+                return None
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return call(0, arrays, "") if self.initial else None
+            if self.share != "all":
+                return None
+            out: dict[str, Any] = {}
+            for group, state in sorted(self.group_arrays.items()):
+                if group not in skipped:
+                    res = call(server_round + self.round_offset, p.to_record(state), group)
+                    out.update({f"{group}/{k}": v for k, v in (res or {}).items()})
+            return MetricRecord(out) if out else None
+
+        return evaluate
 
     def evaluates(self, server_round: int) -> bool:
         """Whether ``server_round`` (the run's numbering) has an evaluation stage."""
@@ -219,6 +285,8 @@ class PeerStrategy(Strategy):
                 content[key] = record
             if share != "none" and group in self.group_arrays:
                 content[p.GROUP_ARRAYS] = p.to_record(self.group_arrays[group])
+            if self.initial and (nid not in known or known[nid].client_id not in self._started):
+                content[p.INITIAL] = p.to_record(self.initial)
             self._bytes_down[nid] = p.array_bytes(content)
             messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
         self._configure_seconds = time.time() - self._stage_start
@@ -231,6 +299,7 @@ class PeerStrategy(Strategy):
         server_round += self.round_offset
         started = time.time()
         accepted, dropped = self._parse(replies)
+        self._note_started(accepted)
         valid = []
         for reply in accepted:
             try:
@@ -247,7 +316,38 @@ class PeerStrategy(Strategy):
         self._average_groups(valid)
         server["aggregate_seconds"] = time.time() - started
         metrics = self._emit(server_round, "train", valid, dropped, server)
-        return None, metrics
+        return (self.result_arrays() if server_round == self.last_round else None), metrics
+
+    def result_arrays(self) -> ArrayRecord | None:
+        """Every group's averaged parameters, ``"<group>/<name>"`` (None when none are)."""
+        if not self.group_arrays:
+            return None
+        return p.to_record(
+            {
+                f"{g}/{k}": v
+                for g, state in sorted(self.group_arrays.items())
+                for k, v in state.items()
+            }
+        )
+
+    def _note_started(self, replies: list[ClientReply]) -> None:
+        """Clients that answered a train message have a model: no more initial arrays. Say
+        once per group whether the initial arrays fitted its model."""
+        for reply in replies:
+            self._started.add(reply.identity.client_id)
+            loaded, group = reply.metrics.get(p.INITIAL_LOADED), reply.identity.group
+            if loaded is None or group in self._initial_fit:
+                continue
+            self._initial_fit[group] = loaded > 0
+            if loaded > 0:
+                log.info("group %r starts from the initial arrays", group)
+            else:
+                log.warning(
+                    "the initial arrays do not fit group %r's model (other parameter names or "
+                    "shapes): its clients start from their own initialisation. Pass that "
+                    "model's state_dict, or an empty ArrayRecord",
+                    group,
+                )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -520,6 +620,9 @@ class PeerStrategy(Strategy):
                     },
                     "absent": self._absent,
                     "server": server,
+                    # the run's last record: its last round's evaluation (or training)
+                    "final": server_round == self.last_round
+                    and (stage == "evaluate" or self.fraction_evaluate == 0.0),
                 }
             )
         if not replies:
@@ -535,10 +638,16 @@ class PeerStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state that outlives a round (to save and restore a run)."""
-        return {"group_arrays": self.group_arrays}
+        return {
+            "group_arrays": self.group_arrays,
+            "started": sorted(self._started),
+            "initial_fit": dict(self._initial_fit),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group_arrays = state["group_arrays"]
+        self._started = set(state.get("started", ()))  # checkpoints older than initial arrays
+        self._initial_fit = dict(state.get("initial_fit", {}))
 
 
 def error_cause(reason: str) -> str:

@@ -115,12 +115,19 @@ def shared_state(model: nn.Module, layers: Sequence[SelectedLayer], mode: str) -
 def receive(
     msg: Message, model: nn.Module, layers: Sequence[SelectedLayer], *, rank: int
 ) -> dict[str, InstalledLayer]:
-    """Load the group's averaged parameters and install merged factors from a train message.
+    """Load the federation's initial arrays (the first time, where they fit this model), the
+    group's averaged parameters, and install merged factors from a train message.
 
     Returns what :func:`reply` needs to compute the gradient pieces. Raises
     :class:`~mergenet_fl.PacketError` naming the problem if the message is malformed.
     """
     content = msg.content
+    if p.INITIAL in content.array_records:  # the federation's starting point, if it fits
+        initial = p.from_record(content.array_records[p.INITIAL])
+        if p.fits(initial, model.state_dict()):
+            model.load_state_dict(
+                {k: torch.from_numpy(v.copy()) for k, v in initial.items()}, strict=False
+            )
     if p.GROUP_ARRAYS in content.array_records:
         group = content.array_records[p.GROUP_ARRAYS].to_torch_state_dict()
         own = model.state_dict()
@@ -157,9 +164,10 @@ def reply(
     metrics: Mapping[str, float],
     *,
     rank: int,
+    extra: Mapping[str, ArrayRecord] | None = None,
 ) -> Message:
     """The reply to a train message: metrics, and the packet, pieces and shared parameters
-    the server asked for.
+    the server asked for, with ``extra`` records (a method's client extension's).
 
     The time spent here is added to ``metrics["mergenet_seconds"]`` (pass the time of
     :func:`receive` there to report MergeNet's whole client-side overhead).
@@ -168,7 +176,7 @@ def reply(
         raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")
     start = time.perf_counter()
     config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
-    content = RecordDict()
+    content = RecordDict(dict(extra or {}))
     manifest = ""
     if config.get(p.SEND_PACKET, False):
         arrays, manifest = export_packet(model, layers, rank).to_wire()
@@ -179,6 +187,9 @@ def reply(
     if shared:
         content[p.SHARED] = ArrayRecord(shared)
     content[p.IDENTITY] = identity.to_record(manifest)
+    if p.INITIAL in msg.content.array_records:  # tell the server whether they fitted
+        initial = p.from_record(msg.content.array_records[p.INITIAL])
+        metrics = {**metrics, p.INITIAL_LOADED: float(p.fits(initial, model.state_dict()))}
     overhead = float(metrics.get(MERGENET_SECONDS, 0.0)) + time.perf_counter() - start
     content[p.METRICS] = MetricRecord({**metrics, MERGENET_SECONDS: overhead})
     return Message(content, reply_to=msg)

@@ -2,13 +2,15 @@
 
 Server -> client (``TRAIN``): ``config`` (ConfigRecord), and when there is something to send,
 ``merged`` (merged factors ``"<layer>/A"``, ``"<layer>/B"``) with ``own`` (the target
-factors the adapter was given, which the client subtracts), and ``group-arrays`` (the
-architecture group's averaged parameters).
+factors the adapter was given, which the client subtracts), ``group-arrays`` (the
+architecture group's averaged parameters), and until a client's first train reply the
+``initial-arrays`` given to ``start()`` (loaded by a client whose model they fit).
 
 Client -> server: ``identity`` (ConfigRecord: ``client-id``, ``group``, ``send-only`` and the
 packet ``manifest``), ``metrics`` (MetricRecord with ``num-examples``), and as asked:
 ``packet`` (its knowledge packet), ``pieces`` (hypernetwork gradient pieces), ``shared`` (the
-parameters it shares with its group).
+parameters it shares with its group). A client sent ``initial-arrays`` reports in its metrics
+``initial-arrays-loaded`` (1: they fit its model and were loaded, 0: they did not fit).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from mergenet_fl import PacketError
@@ -24,6 +27,9 @@ CONFIG = "config"
 MERGED = "merged"
 OWN = "own"
 GROUP_ARRAYS = "group-arrays"
+INITIAL = "initial-arrays"
+HEAD = "head"  # LG-FedAvg: the averaged head, "weight" and "bias"
+PROTOS = "protos"  # FedProto: "protos" (C, d) and "counts" (C,)
 IDENTITY = "identity"
 METRICS = "metrics"
 PACKET = "packet"
@@ -38,6 +44,7 @@ ADAPTER_RANK = "adapter-rank"
 CLIENT_STATE_DIR = "client-state-dir"  # where clients keep their models across restarts
 SHARE_MODES = ("none", "unselected", "all")
 NUM_EXAMPLES = "num-examples"
+INITIAL_LOADED = "initial-arrays-loaded"  # metric: 1 or 0
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,22 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def array_bytes(content: RecordDict) -> int:
     """Bytes of all arrays in a message's content."""
     return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+def fits(state: dict[str, np.ndarray], model_state: dict) -> bool:
+    """Whether named arrays can be loaded into a model with this ``state_dict()``: every name is
+    one of its entries, with the same shape (a subset is fine, e.g. a shared backbone)."""
+    return bool(state) and all(
+        k in model_state and tuple(model_state[k].shape) == tuple(v.shape) for k, v in state.items()
+    )
+
+
+def group_state_dicts(arrays: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]:
+    """``Result.arrays`` of a strategy -> ``{group: state_dict}`` (names are split at their last
+    ``/``: parameter names have none), e.g. ``Net().load_state_dict(out["net"], strict=False)``.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in from_record(arrays).items():
+        group, _, name = key.rpartition("/")
+        out.setdefault(group, {})[name] = torch.from_numpy(value.copy())
+    return out

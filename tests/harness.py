@@ -7,8 +7,15 @@ ClientApp runs (``strategies.client``), so the strategy is tested against the re
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,7 +151,9 @@ class FakeGrid:
         return replies
 
 
-def app_nodes(client_app: ClientApp, num_nodes: int) -> list[Callable[[Message], Message]]:
+def app_nodes(
+    client_app: ClientApp, num_nodes: int, run_config: dict | None = None
+) -> list[Callable[[Message], Message]]:
     """Handlers that run a real ClientApp, each node with its own context and partition id."""
 
     def node(pid: int) -> Callable[[Message], Message]:
@@ -153,8 +162,65 @@ def app_nodes(client_app: ClientApp, num_nodes: int) -> list[Callable[[Message],
             node_id=pid,
             node_config={"partition-id": pid, "num-partitions": num_nodes},
             state=RecordDict(),
-            run_config={},
+            run_config=dict(run_config or {}),
         )
         return lambda msg: client_app(msg, context)
 
     return [node(pid) for pid in range(num_nodes)]
+
+
+# ------------------------------------------------ real Flower processes (deployment engine)
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Processes:
+    """Processes started by a test, each in its own session; all stopped by PID at the end."""
+
+    def __init__(self, logs: Path, env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.logs, self.env, self.cwd, self.procs = logs, env, cwd, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in self.logs.glob("*.log"))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -5,7 +6,7 @@ from harness import needs_real_data
 from simulations import data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
-from strategies import GroupFedAvg, LocalOnly, MergeNet
+from strategies import FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
 
 
 def test_string_and_list_overrides_compose_the_same_config():
@@ -45,7 +46,7 @@ def test_every_problem_is_reported_at_once():
         "divisible by heads=3",
         "federation.alpha must be > 0",
         "strategy.group_targets must be true, false or null, got 'sometimes'",
-        "eval_split must be one of ('test', 'validation'), got 'train'",
+        "eval_split must be one of ('test', 'local', 'validation'), got 'train'",
     ):
         assert part in message
 
@@ -53,6 +54,8 @@ def test_every_problem_is_reported_at_once():
 def test_strategies_by_name():
     assert isinstance(compose("strategy=local").build_strategy(), LocalOnly)
     assert isinstance(compose("strategy=groupfedavg").build_strategy(), GroupFedAvg)
+    assert isinstance(compose("strategy=lgfedavg").build_strategy(), LGFedAvg)
+    assert isinstance(compose("strategy=fedproto").build_strategy(), FedProto)
     strat = compose("transfer_every=2 adapter=rows").build_strategy()
     assert isinstance(strat, MergeNet) and strat.transfer_every == 2
     assert strat.hypernet.cfg.adapter.combos == (("rows", "rows"),)
@@ -108,3 +111,21 @@ def test_cross_task_federation_builds_a_qa_client_on_real_data():
     assert out["num_examples"] == 16
     scores = work.task.evaluate(work.model, work.eval_set, batch_size=8)
     assert {"em", "f1", "loss"} <= set(scores) and 0.0 <= scores["f1"] <= 1.0
+
+
+def test_local_test_rows_follow_each_clients_label_mix():
+    cfg = compose(
+        "federation=tiny eval_split=local federation.partition=dirichlet federation.alpha=0.3"
+    )
+    uniform = compose("federation=tiny federation.partition=dirichlet federation.alpha=0.3")
+    shares = []
+    for pid in (0, 1):  # the two clients on synthetic-images
+        work = build_workload(cfg, pid)
+        train = np.bincount(work.train_set.labels.numpy(), minlength=4) / len(work.train_set)
+        test = np.bincount(work.eval_set.labels.numpy(), minlength=4) / len(work.eval_set)
+        assert len(work.eval_set) == 128 and np.abs(train - test).max() <= 0.01
+        assert torch.equal(work.train_set.images, build_workload(uniform, pid).train_set.images)
+        shares.append(test)
+    assert np.abs(shares[0] - shares[1]).max() > 0.2  # label skew shows in the test rows too
+    flat = np.bincount(build_workload(uniform, 0).eval_set.labels.numpy(), minlength=4) / 128
+    assert np.abs(flat - 0.25).max() < 0.1  # eval_split=test: the test split's own mix

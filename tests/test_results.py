@@ -5,7 +5,7 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from simulations import results
+from strategies import runlog as results
 
 
 def write(run_dir, lines):
@@ -183,3 +183,33 @@ def test_who_learns_from_whom_per_target_group_and_round():
     assert stats == {
         "cnn": {r: {"effect": 0.2, "from cnn": 0.25, "from bert": 0.75} for r in (2, 3)}
     }
+
+
+def test_any_app_gets_jsonl_summary_and_plots_with_one_line(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from harness import FakeGrid, TinyClient, set_task_identity
+    from strategies import MergeNet
+
+    set_task_identity()
+    grid = FakeGrid(
+        [TinyClient(f"m{i}", "mlp", i) for i in range(2)] + [TinyClient("c0", "cnn", 2)]
+    )
+    run_dir = tmp_path / "my-run"
+    seen = []
+
+    def sink(record):  # the one line is `on_round=RunLog(run_dir)`; this one also watches it
+        seen.append((record["round"], record["stage"], (run_dir / "summary.md").exists()))
+        log(record)
+
+    log = results.RunLog(run_dir, title="my run")
+    strategy = MergeNet(share="all", min_available_nodes=3, on_round=sink)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
+    assert not any(done for *_, done in seen)  # written once the last stage is in, not before
+    assert [s[:2] for s in seen][-1] == (3, "evaluate")
+    lines = results.read_lines(run_dir)
+    assert {x["client"] for x in lines if "client" in x} == {"m0", "m1", "c0"}
+    text = (run_dir / "summary.md").read_text()
+    assert text.startswith("# my run") and "| mlp | 2 | accuracy |" in text
+    assert all((run_dir / f).stat().st_size > 0 for f in ("accuracy.png", "bytes.png"))
+    assert (run_dir / "transfer.png").exists()  # MergeNet: who learns from whom
