@@ -19,15 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
 from simulations.tasks import resolve_device
-from strategies import FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet, PeerStrategy
+from strategies import FD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet, PeerStrategy
 from strategies.base import RoundSink
-from strategies.extension import ClientExtension, Prototypes, SharedHead
+from strategies.extension import ClassMeans, ClientExtension, SharedHead
 from strategies.protocol import SHARE_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto")
-# strategies whose clients exchange the head or its input: one head shape / feature width
-SHARED_HEAD = ("lgfedavg", "fedproto")
+STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto", "fd")
 PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
@@ -152,6 +150,8 @@ class ExperimentConfig:
             return LGFedAvg(**common)
         if name == "fedproto":
             return FedProto(**common)
+        if name == "fd":
+            return FD(**common)
         return MergeNet(
             hypernet=self.hypernet(),
             transfer_every=self.transfer_every,
@@ -168,8 +168,9 @@ class ExperimentConfig:
         name = self.strategy["name"]
         if name == "lgfedavg":
             return SharedHead(head)
-        if name == "fedproto":
-            return Prototypes(num_classes, weight=float(self.strategy.get("weight", 1.0)))
+        if name in ("fedproto", "fd"):
+            of = "features" if name == "fedproto" else "logits"
+            return ClassMeans(num_classes, float(self.strategy.get("weight", 1.0)), of)
         return ClientExtension()  # MergeNet's steps are the protocol's receive and reply
 
 

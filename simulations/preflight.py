@@ -14,7 +14,7 @@ import torch
 
 from mergenet_fl import as_spec, select_layers
 from simulations import data as D
-from simulations.config import SHARED_HEAD, ConfigError, ExperimentConfig
+from simulations.config import ConfigError, ExperimentConfig
 from simulations.federation import DATASETS, IMAGE_DATASETS, QA_DATASETS, SYNTHETIC_CLASSES
 from simulations.models import ARCHITECTURES
 from simulations.tasks import TASKS
@@ -64,8 +64,7 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         heads[group.group] = (
             tuple(model.get_submodule(spec.head).weight.shape) if classification else None
         )
-    if cfg.strategy.get("name") in SHARED_HEAD:
-        found += _shared_head_problems(str(cfg.strategy["name"]), heads)
+    found += _head_problems(str(cfg.strategy.get("name")), heads)
     for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
         found += D.check_dataset_files(dataset, cfg.data_dir)
     if cfg.strategy.get("name") == "mergenet":
@@ -81,20 +80,34 @@ def problems(cfg: ExperimentConfig) -> list[str]:
     return found
 
 
-def _shared_head_problems(strategy: str, heads: dict[str, tuple[int, ...] | None]) -> list[str]:
-    """LG-FedAvg averages the head, FedProto the head's input per class: both need one head
-    shape ``(classes, features)`` across the federation, and a classification head."""
+# what each method exchanges, in terms of the head's weight shape (classes, features)
+SHARES = {
+    "lgfedavg": ("the head", lambda shape: shape),
+    "fedproto": ("per-class mean features", lambda shape: shape),
+    "fd": ("per-class mean logits", lambda shape: shape[0]),
+}
+
+
+def _head_problems(strategy: str, heads: dict[str, tuple[int, ...] | None]) -> list[str]:
+    """LG-FedAvg averages the head and FedProto the head's input per class: both need one head
+    shape ``(classes, features)`` across the federation; FD averages logits per class: one
+    class count. All need a classification head."""
+    if strategy not in SHARES:
+        return []
+    what, key = SHARES[strategy]
     found = [
         f"strategy {strategy}: group {g!r} is extractive QA, which has no class head"
         for g, shape in heads.items()
         if shape is None
     ]
     shapes = {g: shape for g, shape in heads.items() if shape is not None}
-    if len(set(shapes.values())) > 1:
+    if len({key(shape) for shape in shapes.values()}) > 1:
         listed = ", ".join(f"{g} {shape}" for g, shape in shapes.items())
         found.append(
-            f"strategy {strategy} needs one head shape (classes, features) for every client, and "
-            f"this federation has {listed}; use one whose models share it (federation=htfe2)"
+            f"strategy {strategy} shares {what}, so every client needs the same "
+            f"{'class count' if strategy == 'fd' else 'head shape (classes, features)'}, and "
+            f"this federation's heads are {listed}; use one whose models share it "
+            "(federation=htfe2)"
         )
     return found
 

@@ -490,16 +490,16 @@ class _ClassificationTask(_SupervisedTask):
     def embed(
         self, model: nn.Module, dataset: Dataset, head: str, *, batch_size: int, device: Device
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(features: (B, d), labels: (B,))`` of ``dataset`` under ``model`` in eval mode;
-        the features are the input of the module ``head``."""
+        """``(features: (B, d), logits: (B, C), labels: (B,))`` of ``dataset`` under ``model``
+        in eval mode; the features are the input of the module ``head``."""
         dev = torch.device(device)
         was_training = model.training
         model.to(dev).eval()
         try:
             with head_inputs(model, head):
                 for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                    _, labels = self._logits_and_labels(model, batch, dev)
-                    yield getattr(model, HEAD_INPUT), labels
+                    logits, labels = self._logits_and_labels(model, batch, dev)
+                    yield getattr(model, HEAD_INPUT), logits, labels
         finally:
             model.train(was_training)
 

@@ -7,7 +7,7 @@ their strategy); the client's loops, data, sampling and messages are the same fo
     records = extension.end(msg, model, embed)    # after training: added to the reply
 
 ``features`` are the input of the model's head, ``(B, d)``; ``embed()`` yields
-``(features, labels)`` batches of the client's training set under the trained model.
+``(features, logits, labels)`` batches of the client's training set under the trained model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from mergenet_fl import PacketError
 from strategies import protocol as p
 
-Embed = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+Embed = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
 class ClientExtension:
@@ -76,60 +76,66 @@ class SharedHead(ClientExtension):
         }
 
 
-class Prototypes(ClientExtension):
-    """FedProto's client: pulls each example's features towards the global prototype of its
-    class (``weight`` · MSE, the paper's regulariser) and sends the mean features per class of
-    its training set, with the class counts."""
+class ClassMeans(ClientExtension):
+    """The client of FedProto and FD: pulls each example's ``of`` (``features``: the head's
+    input, FedProto's prototypes; ``logits``: FD's per-class average logits) towards the
+    server's mean for its class (``weight`` · MSE), and sends the mean per class over its
+    training set, with the class counts, as record ``key``."""
 
     adds_loss = True
 
-    def __init__(self, num_classes: int, weight: float = 1.0) -> None:
-        self.num_classes, self.weight = num_classes, weight
-        self.protos: torch.Tensor | None = None  # (C, d), the server's
+    def __init__(self, num_classes: int, weight: float = 1.0, of: str = "features") -> None:
+        if of not in ("features", "logits"):
+            raise ValueError(f"ClassMeans of {of!r}; choose 'features' or 'logits'")
+        self.num_classes, self.weight, self.of = num_classes, weight, of
+        self.key = p.PROTOS if of == "features" else p.LOGITS
+        self.means: torch.Tensor | None = None  # (C, d), the server's
         self.present: torch.Tensor | None = None  # (C,) bool: classes the server has seen
 
     def begin(self, msg: Message, model: nn.Module) -> None:
-        self.protos = self.present = None
-        if p.PROTOS not in msg.content.array_records:
+        self.means = self.present = None
+        if self.key not in msg.content.array_records:
             return
-        record = p.from_record(msg.content.array_records[p.PROTOS])
-        protos, counts = record.get("protos"), record.get("counts")
-        if protos is None or counts is None or protos.ndim != 2 or counts.shape != protos.shape[:1]:
-            raise PacketError("global prototypes need 'protos' (C, d) and 'counts' (C,)")
-        self.protos = torch.from_numpy(protos.astype(np.float32))
+        record = p.from_record(msg.content.array_records[self.key])
+        means, counts = record.get("means"), record.get("counts")
+        if means is None or counts is None or means.ndim != 2 or counts.shape != means.shape[:1]:
+            raise PacketError(f"global {self.key} need 'means' (C, d) and 'counts' (C,)")
+        self.means = torch.from_numpy(means.astype(np.float32))
         self.present = torch.from_numpy(counts > 0)
 
     def loss(
         self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor | None:
-        if self.protos is None:
+        if self.means is None:
             return None
-        if self.protos.shape[1] != features.shape[1]:
+        values = features if self.of == "features" else logits
+        if self.means.shape[1] != values.shape[1]:
             raise PacketError(
-                f"global prototypes have {self.protos.shape[1]} features, this model's head "
-                f"reads {features.shape[1]}: FedProto needs one feature width for all clients"
+                f"global {self.key} have width {self.means.shape[1]}, this model's "
+                f"{self.of} {values.shape[1]}: the method needs one width for all clients"
             )
         known = self.present.to(labels.device)[labels]
         if not known.any():
             return None
-        target = self.protos.to(features)[labels[known]]
-        return self.weight * F.mse_loss(features[known], target)
+        target = self.means.to(values)[labels[known]]
+        return self.weight * F.mse_loss(values[known], target)
 
     @torch.no_grad()
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
         sums: torch.Tensor | None = None
         counts = torch.zeros(self.num_classes, dtype=torch.float64)
-        for features, labels in embed():
-            features, labels = features.double().cpu(), labels.cpu()
+        for features, logits, labels in embed():
+            values = (features if self.of == "features" else logits).double().cpu()
+            labels = labels.cpu()
             if sums is None:
-                sums = torch.zeros(self.num_classes, features.shape[1], dtype=torch.float64)
-            sums.index_add_(0, labels, features)
+                sums = torch.zeros(self.num_classes, values.shape[1], dtype=torch.float64)
+            sums.index_add_(0, labels, values)
             counts += torch.bincount(labels, minlength=self.num_classes).double()
         if sums is None:
             return {}
-        protos = sums / counts.clamp_min(1.0)[:, None]
+        means = sums / counts.clamp_min(1.0)[:, None]
         return {
-            p.PROTOS: p.to_record(
-                {"protos": protos.float().numpy(), "counts": counts.float().numpy()}
+            self.key: p.to_record(
+                {"means": means.float().numpy(), "counts": counts.float().numpy()}
             )
         }

@@ -1,8 +1,9 @@
-"""FedProto (Tan et al., AAAI 2022): clients send the mean features of each class (their
-prototypes) with the class counts; the server averages them per class, weighted by the counts,
-and each client pulls its features towards the global prototype of their class
-(``λ · MSE``, :class:`~strategies.extension.Prototypes`). Models of any architecture take part
-as long as their heads read features of one width."""
+"""FedProto (Tan et al., AAAI 2022) and FD (Jeong et al., 2018): clients send a mean per class
+with the class counts — of their features (FedProto's prototypes) or of their logits (FD) —
+the server averages them per class, weighted by the counts, and each client pulls its own
+towards the global mean of their class (``λ · MSE``, :class:`~strategies.extension.ClassMeans`).
+Models of any architecture take part as long as the exchanged width is one: the head's input
+for FedProto, the number of classes for FD."""
 
 from __future__ import annotations
 
@@ -17,57 +18,68 @@ from strategies.base import ClientReply, PeerStrategy
 
 
 class FedProto(PeerStrategy):
-    """Global prototypes ``(C, d)`` from the clients'; a client whose feature width or class
-    count differs from the federation's is dropped, naming why."""
+    """Global per-class means ``(C, d)`` of the clients' features; a client whose shape
+    differs from the federation's is dropped, naming why."""
+
+    key = p.PROTOS  # the record both ways
+    method = "FedProto"
+    needs = "one feature width (the head's input) and class count"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(share="none", **kwargs)
-        self.protos: np.ndarray | None = None  # (C, d)
-        self.counts: np.ndarray | None = None  # (C,) examples behind each global prototype
+        self.means: np.ndarray | None = None  # (C, d)
+        self.counts: np.ndarray | None = None  # (C,) examples behind each global mean
 
     def train_records(
         self, server_round: int, identities: dict[int, p.ClientIdentity]
     ) -> dict[int, dict[str, ArrayRecord]]:
-        if self.protos is None:
+        if self.means is None:
             return {}
-        record = {"protos": self.protos, "counts": self.counts}
-        return {nid: {p.PROTOS: p.to_record(record)} for nid in identities}
+        record = {"means": self.means, "counts": self.counts}
+        return {nid: {self.key: p.to_record(record)} for nid in identities}
 
     def validate(self, server_round: int, reply: ClientReply) -> None:
-        if p.PROTOS not in reply.content.array_records:
-            raise PacketError("FedProto: the reply carries no prototypes")
-        record = p.from_record(reply.content.array_records[p.PROTOS])
-        protos, counts = record.get("protos"), record.get("counts")
-        if protos is None or counts is None or protos.ndim != 2 or counts.shape != protos.shape[:1]:
-            raise PacketError("FedProto: prototypes need 'protos' (C, d) and 'counts' (C,)")
-        if not (np.isfinite(protos).all() and np.isfinite(counts).all() and (counts >= 0).all()):
-            raise PacketError("FedProto: non-finite prototypes or negative counts")
-        if self.protos is not None and protos.shape != self.protos.shape:
+        if self.key not in reply.content.array_records:
+            raise PacketError(f"{self.method}: the reply carries no {self.key}")
+        record = p.from_record(reply.content.array_records[self.key])
+        means, counts = record.get("means"), record.get("counts")
+        if means is None or counts is None or means.ndim != 2 or counts.shape != means.shape[:1]:
+            raise PacketError(f"{self.method}: {self.key} need 'means' (C, d) and 'counts' (C,)")
+        if not (np.isfinite(means).all() and np.isfinite(counts).all() and (counts >= 0).all()):
+            raise PacketError(f"{self.method}: non-finite {self.key} or negative counts")
+        if self.means is not None and means.shape != self.means.shape:
             raise PacketError(
-                f"FedProto: prototypes of shape {protos.shape}, the federation's are "
-                f"{self.protos.shape}: the method needs one feature width and class count"
+                f"{self.method}: {self.key} of shape {means.shape}, the federation's are "
+                f"{self.means.shape}: the method needs {self.needs}"
             )
-        reply.extras["protos"] = (protos.astype(np.float64), counts.astype(np.float64))
+        reply.extras["means"] = (means.astype(np.float64), counts.astype(np.float64))
 
     def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
-        parts = [r.extras["protos"] for r in replies]
+        parts = [r.extras["means"] for r in replies]
         if not parts:
             return {}
-        shapes = {protos.shape for protos, _ in parts}
+        shapes = {means.shape for means, _ in parts}
         if len(shapes) > 1:  # the first round: no reference yet to drop the odd ones against
             raise ValueError(
-                f"FedProto needs one feature width and class count for all clients, got "
-                f"{sorted(shapes)}; use a federation whose heads read features of one width"
+                f"{self.method} needs {self.needs} for all clients, got {sorted(shapes)}"
             )
         counts = sum(c for _, c in parts)
-        sums = sum(protos * c[:, None] for protos, c in parts)
-        self.protos = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+        sums = sum(means * c[:, None] for means, c in parts)
+        self.means = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
         self.counts = counts.astype(np.float32)
         return {"classes": int((counts > 0).sum())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "protos": self.protos, "counts": self.counts}
+        return {**super().state_dict(), "means": self.means, "counts": self.counts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.protos, self.counts = state["protos"], state["counts"]
+        self.means, self.counts = state["means"], state["counts"]
+
+
+class FD(FedProto):
+    """Federated distillation: the same per-class averaging, of the logits ``(C, C)``."""
+
+    key = p.LOGITS
+    method = "FD"
+    needs = "one class count"

@@ -14,8 +14,8 @@ from simulations.config import compose
 from simulations.preflight import problems
 from strategies import protocol as p
 from strategies.base import ClientReply
-from strategies.extension import Prototypes, SharedHead
-from strategies.fedproto import FedProto
+from strategies.extension import ClassMeans, SharedHead
+from strategies.fedproto import FD, FedProto
 from strategies.lgfedavg import LGFedAvg
 
 
@@ -60,7 +60,7 @@ def test_lgfedavg_refuses_a_federation_of_different_heads():
 
 def protos(rows: list[list[float]], counts: list[float]) -> dict:
     return {
-        "protos": np.array(rows, np.float32),
+        "means": np.array(rows, np.float32),
         "counts": np.array(counts, np.float32),
     }
 
@@ -74,9 +74,9 @@ def test_fedproto_averages_each_class_by_its_counts():
     for r in replies:
         strategy.validate(1, r)
     strategy.absorb(1, replies)
-    assert np.allclose(strategy.protos, [[2.0, 2.0], [2.0, 4.0]])  # a's empty class: no weight
+    assert np.allclose(strategy.means, [[2.0, 2.0], [2.0, 4.0]])  # a's empty class: no weight
     assert np.allclose(strategy.counts, [4, 2])
-    with pytest.raises(PacketError, match="one feature width and class count"):
+    with pytest.raises(PacketError, match=r"needs one feature width \(the head.s input\)"):
         strategy.validate(2, reply("c", "bert", 1, protos=protos([[1.0, 2.0, 3.0]] * 2, [1, 1])))
     bad = protos([[np.nan, 1.0], [0.0, 0.0]], [1, 1])
     with pytest.raises(PacketError, match="non-finite"):
@@ -111,7 +111,7 @@ def test_shared_head_travels_between_differently_named_heads():
 
 
 def test_prototypes_pull_features_to_their_class_and_are_class_means():
-    ext = Prototypes(num_classes=3, weight=2.0)
+    ext = ClassMeans(num_classes=3, weight=2.0, of="features")
     ext.begin(message(protos=protos([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], [5, 0, 5])), Tiny())
     features = torch.zeros(3, 2, requires_grad=True)
     labels = torch.tensor([0, 1, 2])
@@ -122,14 +122,29 @@ def test_prototypes_pull_features_to_their_class_and_are_class_means():
     assert features.grad[0, 0] < 0 and features.grad[2, 1] < 0
     assert loss.item() == pytest.approx(2.0 * 2 / 4)  # 2 · mean((f − proto)²) over 2 × 2 values
 
-    def embed():
-        yield torch.tensor([[1.0, 1.0], [3.0, 1.0]]), torch.tensor([0, 0])
-        yield torch.tensor([[0.0, 4.0]]), torch.tensor([2])
+    def embed():  # (features, logits, labels): the logits are never read for prototypes
+        yield torch.tensor([[1.0, 1.0], [3.0, 1.0]]), torch.full((2, 3), 9.0), torch.tensor([0, 0])
+        yield torch.tensor([[0.0, 4.0]]), torch.full((1, 3), 9.0), torch.tensor([2])
 
     out = p.from_record(ext.end(message(), Tiny(), embed)[p.PROTOS])
-    assert np.allclose(out["protos"], [[2.0, 1.0], [0.0, 0.0], [0.0, 4.0]])
+    assert np.allclose(out["means"], [[2.0, 1.0], [0.0, 0.0], [0.0, 4.0]])
     assert np.allclose(out["counts"], [2, 0, 1])
-    assert Prototypes(3).loss(features, torch.zeros(3, 3), labels) is None  # no prototypes yet
+    assert ClassMeans(3).loss(features, torch.zeros(3, 3), labels) is None  # no prototypes yet
+
+
+def test_fd_pulls_logits_not_features_and_sends_mean_logits():
+    ext = ClassMeans(num_classes=2, weight=1.0, of="logits")
+    ext.begin(message(logits=protos([[2.0, 0.0], [0.0, 2.0]], [3, 3])), Tiny())
+    features = torch.zeros(2, 5, requires_grad=True)  # any width: FD does not read them
+    logits = torch.zeros(2, 2, requires_grad=True)
+    ext.loss(features, logits, torch.tensor([0, 1])).backward()
+    assert features.grad is None and logits.grad[0, 0] < 0 and logits.grad[1, 1] < 0
+
+    def embed():
+        yield torch.zeros(2, 5), torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
+
+    out = p.from_record(ext.end(message(), Tiny(), embed)[p.LOGITS])
+    assert np.allclose(out["means"], [[1.0, 0.0], [0.0, 3.0]])
 
 
 def run_by_name(strategy: str, rounds: int = 2) -> tuple[FakeGrid, dict]:
@@ -168,16 +183,31 @@ def test_fedproto_runs_by_name_and_shares_prototypes_of_each_class():
     grid, out = run_by_name("fedproto")
     assert train_messages(grid, p.PROTOS) == [False, False, True, True]
     strategy = out["strategy"]
-    assert strategy.protos.shape == (4, 512) and (strategy.counts > 0).all()
+    assert strategy.means.shape == (4, 512) and (strategy.counts > 0).all()
     assert strategy.counts.sum() == 2 * 64  # every training example of both clients
 
 
 def test_methods_that_share_the_head_refuse_federations_they_do_not_apply_to():
     found = problems(compose("federation=tiny strategy=lgfedavg"))
     assert any(
-        "needs one head shape (classes, features) for every client" in f
+        "every client needs the same head shape (classes, features)" in f
         and "resnet8-images (4, 64)" in f
         for f in found
     )
     found = problems(compose("federation=crosstask strategy=fedproto"))
     assert any("'distilbert-squad2' is extractive QA, which has no class head" in f for f in found)
+
+    # FD exchanges logits: models with different feature widths take part (the 4-layer CNN:
+    # 512, ResNet-8: 64), as long as the class counts match
+    assert not [f for f in problems(compose("federation=paper strategy=fd")) if "strategy" in f]
+    found = problems(compose("federation=paper strategy=fedproto"))
+    assert any("cnn4-cifar10 (10, 512), resnet8-cifar10 (10, 64)" in f for f in found)
+    found = problems(compose("federation=tiny strategy=fd"))  # 4 image classes, 2 text classes
+    assert any("every client needs the same class count" in f for f in found)
+
+
+def test_fd_runs_by_name():
+    grid, out = run_by_name("fd")
+    assert train_messages(grid, p.LOGITS) == [False, False, True, True]
+    assert out["strategy"].means.shape == (4, 4)
+    assert isinstance(out["strategy"], FD)
