@@ -6,12 +6,10 @@ One round, for the clients that take part:
    runs the adapter, and returns the merged factors with a :class:`Generation` record of the
    inputs that produced them.
 2. Clients install, train and answer with gradient pieces ``(G_A, G_B)``.
-3. :meth:`Hypernetwork.update` takes one optimiser step with the pFedHN rule,
-   ``∇φ = Σ_clients autograd.grad([A', B'], φ, grad_outputs=[G_A, G_B])``, through the
-   autograd graph kept from 1 when the round has at most ``keep_graph_rows`` target rows
-   (no second forward pass), otherwise by recomputing the forward chunk by chunk on the
-   recorded inputs (memory bounded by ``chunk_size``). Both give the same gradient: the adapter
-   has no dropout or batch statistics and does not change between 1 and 3.
+3. :meth:`Hypernetwork.update` recomputes the generator forward on the recorded inputs and
+   takes one optimiser step with the pFedHN rule,
+   ``∇φ = Σ_clients autograd.grad([A', B'], φ, grad_outputs=[G_A, G_B])``.
+   No autograd graph is kept between 1 and 3.
 """
 
 from __future__ import annotations
@@ -51,8 +49,6 @@ class HypernetConfig:
     then, with ``decay_steps``, follows a cosine to 0 at step ``warmup_steps + decay_steps``
     (the reference code's AdamW with a cosine schedule).
     ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
-    ``keep_graph_rows``: a round with at most this many target rows keeps the generating pass's
-    autograd graph until the update (saves a forward pass; 0: always recompute).
     ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares when
     generating (one more adapter pass per batch of targets).
@@ -69,7 +65,6 @@ class HypernetConfig:
     self_transfer: bool = False
     group_targets: bool = False
     chunk_size: int = 64
-    keep_graph_rows: int = 64
     device: str = "cpu"
     diagnostics: bool = True
 
@@ -88,10 +83,6 @@ class HypernetConfig:
             raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
         if self.chunk_size < 1:
             raise ValueError(f"HypernetConfig.chunk_size must be >= 1, got {self.chunk_size}")
-        if self.keep_graph_rows < 0:
-            raise ValueError(
-                f"HypernetConfig.keep_graph_rows must be >= 0, got {self.keep_graph_rows}"
-            )
 
 
 @dataclass(frozen=True)
@@ -124,11 +115,6 @@ class Generation:
     jobs: tuple[Job, ...]
     #: client -> layer -> ``transfer_effect`` and ``attention`` (source group -> share)
     diagnostics: dict[str, dict[str, dict]] = field(default_factory=dict)
-    #: (job index, first row of the chunk) -> the chunk's outputs ``(A', B')`` with their
-    #: autograd graph, when the round was small enough to keep it (``keep_graph_rows``)
-    graphs: dict[tuple[int, int], FactorPair] = field(default_factory=dict, repr=False)
-    #: the adapter parameters' in-place versions when ``graphs`` was made (changed: recompute)
-    graph_versions: tuple[int, ...] = ()
 
     def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
         """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
@@ -278,6 +264,7 @@ class Hypernetwork:
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
 
+    @torch.no_grad()
     def generate(
         self, bank: KnowledgeBank, targets: Sequence[str], round: int
     ) -> tuple[dict[str, dict[str, FactorPair]], Generation]:
@@ -287,31 +274,22 @@ class Hypernetwork:
             [(j.a.shape[1], j.b.shape[2]) for j in jobs]
             + [s for j in jobs for s in j.sources.shapes]
         )
-        keep = sum(len(j.members) for j in jobs) <= self.cfg.keep_graph_rows
         merged: dict[str, dict[str, FactorPair]] = {}
         diagnostics: dict[str, dict[str, dict]] = {}
-        graphs: dict[tuple[int, int], FactorPair] = {}
         self.adapter.eval()
-        for j, job in enumerate(jobs):
+        for job in jobs:
             sources = job.sources.to(self.device)
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
-                with torch.set_grad_enabled(keep), self.adapter.capturing(self.cfg.diagnostics):
+                with self.adapter.capturing(self.cfg.diagnostics):
                     out_a, out_b = self.adapter(a, b, sources)
-                if keep:
-                    graphs[(j, rows[0])] = (out_a, out_b)
-                    out_a, out_b = out_a.detach(), out_b.detach()
-                with torch.no_grad():
-                    stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
+                stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
                         merged.setdefault(cid, {})[job.layer] = (out_a[i].cpu(), out_b[i].cpu())
                         if stats:
                             diagnostics.setdefault(cid, {})[job.layer] = stats[i]
-        return merged, Generation(round, tuple(jobs), diagnostics, graphs, self._versions())
-
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.adapter.parameters())
+        return merged, Generation(round, tuple(jobs), diagnostics)
 
     def _diagnose(
         self,
@@ -359,29 +337,16 @@ class Hypernetwork:
         params = [p for p in self.adapter.parameters() if p.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(params)
         used = 0
-        # a kept graph serves one update, and only an adapter unchanged since (e.g. not reloaded)
-        kept = dict(generation.graphs) if generation.graph_versions == self._versions() else {}
-        generation.graphs.clear()
         self.adapter.train()
-        for j, job in enumerate(generation.jobs):
+        for job in generation.jobs:
             replied = [[c for c in ms if c in pieces] for ms in job.members]
-            # a kept graph covers the generation's chunks; rows without replies get zeros
-            rows = range(len(job.members)) if kept else [i for i, cs in enumerate(replied) if cs]
-            sources = None if kept else job.sources.to(self.device)
+            rows = [i for i, cs in enumerate(replied) if cs]
+            sources = job.sources.to(self.device)
             for chunk in _chunks(rows, self.cfg.chunk_size):
-                if not any(replied[i] for i in chunk):
-                    continue
-                if kept:
-                    out_a, out_b = kept[(j, chunk[0])]
-                else:
-                    a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
-                    out_a, out_b = self.adapter(a, b, sources)
-                ga = torch.stack(
-                    [_summed(pieces, replied[i], job.layer, 0, job.a[i]) for i in chunk]
-                )
-                gb = torch.stack(
-                    [_summed(pieces, replied[i], job.layer, 1, job.b[i]) for i in chunk]
-                )
+                a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
+                out_a, out_b = self.adapter(a, b, sources)
+                ga = torch.stack([sum(pieces[c][job.layer][0] for c in replied[i]) for i in chunk])
+                gb = torch.stack([sum(pieces[c][job.layer][1] for c in replied[i]) for i in chunk])
                 ga, gb = ga.to(self.device), gb.to(self.device)
                 step = torch.autograd.grad(
                     (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
@@ -440,15 +405,3 @@ class Hypernetwork:
 def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:
     rows = list(rows)
     return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-
-def _summed(
-    pieces: Mapping[str, Mapping[str, FactorPair]],
-    clients: Sequence[str],
-    layer: str,
-    k: int,
-    like: torch.Tensor,
-) -> torch.Tensor:
-    """The clients' piece ``k`` (0: ``G_A``, 1: ``G_B``) of ``layer``, summed; zeros like
-    ``like`` when no client replied."""
-    return sum((pieces[c][layer][k] for c in clients), torch.zeros_like(like))

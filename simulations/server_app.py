@@ -44,11 +44,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> Path:
     (``run_dir`` is then that run's folder) the run continues after its last checkpoint.
     """
     if not cfg.resume:  # a fresh run in a folder that holds an earlier one replaces it
-        for stale in ("metrics.jsonl", "run.json", "server.ckpt"):
+        for stale in ("run.json", "server.ckpt"):  # metrics.jsonl: RunLog starts it afresh
             (run_dir / stale).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "clients", ignore_errors=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.raw), encoding="utf-8")
-    recorder = RunLog(run_dir, summary=False)  # summarized below, with the whole run's time
+    # summarized below, with the whole run's time; a resumed run keeps its lines
+    recorder = RunLog(run_dir, summary=False, append=bool(cfg.resume))
     strategy = cfg.build_strategy(on_round=recorder)
     train_config = {"local-epochs": cfg.local_epochs}
     done = 0

@@ -489,7 +489,7 @@ class _ClassificationTask(_SupervisedTask):
     @torch.no_grad()
     def embed(
         self, model: nn.Module, dataset: Dataset, head: str, *, batch_size: int, device: Device
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(features: (B, d), logits: (B, C), labels: (B,))`` of ``dataset`` under ``model``
         in eval mode; the features are the input of the module ``head``."""
         dev = torch.device(device)

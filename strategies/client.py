@@ -188,7 +188,7 @@ def reply(
         content[p.SHARED] = ArrayRecord(shared)
     content[p.IDENTITY] = identity.to_record(manifest)
     if p.INITIAL in msg.content.array_records:  # tell the server whether they fitted
-        initial = p.from_record(msg.content.array_records[p.INITIAL])
+        initial = dict(msg.content.array_records[p.INITIAL])  # names and shapes: no decoding
         metrics = {**metrics, p.INITIAL_LOADED: float(p.fits(initial, model.state_dict()))}
     overhead = float(metrics.get(MERGENET_SECONDS, 0.0)) + time.perf_counter() - start
     content[p.METRICS] = MetricRecord({**metrics, MERGENET_SECONDS: overhead})

@@ -15,7 +15,9 @@ parameters it shares with its group). A client sent ``initial-arrays`` reports i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,9 +108,10 @@ def array_bytes(content: RecordDict) -> int:
     return sum(rec.count_bytes() for rec in content.array_records.values())
 
 
-def fits(state: dict[str, np.ndarray], model_state: dict) -> bool:
-    """Whether named arrays can be loaded into a model with this ``state_dict()``: every name is
-    one of its entries, with the same shape (a subset is fine, e.g. a shared backbone)."""
+def fits(state: Mapping[str, Any], model_state: Mapping[str, Any]) -> bool:
+    """Whether named arrays (anything with a ``shape``: ndarrays, tensors, a record's arrays)
+    can be loaded into a model with this ``state_dict()``: every name is one of its entries,
+    with the same shape (a subset is fine, e.g. a shared backbone)."""
     return bool(state) and all(
         k in model_state and tuple(model_state[k].shape) == tuple(v.shape) for k, v in state.items()
     )

@@ -40,7 +40,8 @@ class RunLog:
     """A strategy's ``on_round`` sink: appends JSON lines as rounds finish, and writes
     ``summary.md`` and the plots once the run's last stage is in (``summary=False``: the caller
     writes them with :func:`summarize`). ``groups``: the federation's architecture groups, to
-    name any that never reported."""
+    name any that never reported. A folder that holds an earlier run's lines starts afresh,
+    unless ``append`` (a resumed run)."""
 
     def __init__(
         self,
@@ -48,10 +49,13 @@ class RunLog:
         title: str = "run",
         groups: Sequence[str] = (),
         summary: bool = True,
+        append: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if not append:
+            self.path.unlink(missing_ok=True)
         self.title, self.groups, self.summary = title, tuple(groups), summary
         self.started = time.perf_counter()
 

@@ -7,6 +7,7 @@ ClientApp runs (``strategies.client``), so the strategy is tested against the re
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -224,3 +226,19 @@ class Processes:
 
     def tail(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in self.logs.glob("*.log"))
+
+
+# ------------------------------------------------ the Flower quickstart app of the conversion
+QUICKSTART_APP = ROOT / "tests" / "apps" / "quickstart"
+
+
+def load_quickstart(relative: str) -> ModuleType:
+    """A module of the quickstart app by file, e.g. ``before/client_app.py`` (both versions
+    import ``pytorchexample.task``)."""
+    if str(QUICKSTART_APP) not in sys.path:
+        sys.path.insert(0, str(QUICKSTART_APP))
+    name = "quickstart_" + relative.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, QUICKSTART_APP / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType
 from flwr.client import NumPyClient
-from test_quickstart_conversion import load
 
-from harness import FakeGrid, app_nodes, set_task_identity
+from harness import FakeGrid, app_nodes, load_quickstart, set_task_identity
 from strategies import ClientIdentity, MergeNet
 from strategies import protocol as p
 from strategies.legacy import numpy_client_app, set_weights, weights
 
-task = load("pytorchexample/task.py")
+task = load_quickstart("pytorchexample/task.py")
 
 
 class FlowerClient(NumPyClient):

@@ -6,32 +6,35 @@ deployment engine (a SuperLink and two SuperNodes), its MergeNet lines in the ru
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
-import tomllib
 import torch
 from flwr.app import Context, MessageType, RecordDict
 
 from harness import (
     BIN,
+    QUICKSTART_APP,
     FakeGrid,
     Processes,
     app_nodes,
     free_port,
+    load_quickstart,
     set_task_identity,
     wait_for_port,
 )
 from strategies import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "tests" / "apps" / "quickstart"  # the converted app; before/ holds the original
+APP = QUICKSTART_APP  # the converted app; before/ holds the original
 FILES = {  # the README's name -> (original, converted)
     "pyproject.toml": ("before/pyproject.toml", "pyproject.toml"),
     "pytorchexample/client_app.py": ("before/client_app.py", "pytorchexample/client_app.py"),
@@ -73,23 +76,12 @@ def test_readme_lists_exactly_the_lines_that_change():
         assert blocks[name] == actual, name
 
 
-def load(relative: str) -> ModuleType:
-    """A module of the app by file (both versions import ``pytorchexample.task``)."""
-    if str(APP) not in sys.path:
-        sys.path.insert(0, str(APP))
-    name = "quickstart_" + relative.replace("/", "_").removesuffix(".py")
-    spec = importlib.util.spec_from_file_location(name, APP / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_in_process(client: str, server: str, nodes: int = 3) -> FakeGrid:
-    grid = FakeGrid(app_nodes(load(client).app, nodes, RUN_CONFIG))
+    grid = FakeGrid(app_nodes(load_quickstart(client).app, nodes, RUN_CONFIG))
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=RUN_CONFIG
     )
-    load(server).app(grid, context)
+    load_quickstart(server).app(grid, context)
     assert not [r.error.reason for r in grid.replies if r.has_error()]
     return grid
 
@@ -112,7 +104,7 @@ def test_the_converted_app_runs_with_mergenet(tmp_path, monkeypatch):
         assert all(set(r.content.array_records[p.PIECES]) == {"fc2/A", "fc2/B"} for r in later)
     # every client started from the server's initial model, then FedAvg inside the group
     assert all(r.content.metric_records[p.METRICS][p.INITIAL_LOADED] == 1.0 for r in rounds[0])
-    net = load("pytorchexample/task.py").Net()
+    net = load_quickstart("pytorchexample/task.py").Net()
     net.load_state_dict(torch.load(tmp_path / "final_model_net.pt"))  # the group's model
     assert (tmp_path / "mergenet-run" / "summary.md").exists()
 

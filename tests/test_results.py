@@ -202,6 +202,8 @@ def test_any_app_gets_jsonl_summary_and_plots_with_one_line(tmp_path):
         seen.append((record["round"], record["stage"], (run_dir / "summary.md").exists()))
         log(record)
 
+    seen_record = {"round": 0, "stage": "train", "clients": {"m0": {"x": 1}}, "dropped": {}}
+
     log = results.RunLog(run_dir, title="my run")
     strategy = MergeNet(share="all", min_available_nodes=3, on_round=sink)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=3, timeout=10)
@@ -213,3 +215,8 @@ def test_any_app_gets_jsonl_summary_and_plots_with_one_line(tmp_path):
     assert text.startswith("# my run") and "| mlp | 2 | accuracy |" in text
     assert all((run_dir / f).stat().st_size > 0 for f in ("accuracy.png", "bytes.png"))
     assert (run_dir / "transfer.png").exists()  # MergeNet: who learns from whom
+    results.RunLog(run_dir)  # the same folder again: a new run does not append to the old one
+    assert not (run_dir / "metrics.jsonl").exists()
+    results.RunLog(run_dir / "resumed", append=True)({**seen_record, "round": 4})
+    results.RunLog(run_dir / "resumed", append=True)({**seen_record, "round": 5})
+    assert [x["round"] for x in results.read_lines(run_dir / "resumed")] == [4, 5]
