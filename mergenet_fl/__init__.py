@@ -8,7 +8,14 @@ from mergenet_fl.adapter import LPKA, VARIANTS, AdapterConfig, SourceTokens
 from mergenet_fl.bank import BankEntry, KnowledgeBank
 from mergenet_fl.client import InstalledLayer, export_packet, gradient_pieces, install_merged
 from mergenet_fl.hypernet import Generation, HypernetConfig, Hypernetwork
-from mergenet_fl.lowrank import align_signs, factorize, pad_rank, reconstruct
+from mergenet_fl.lowrank import (
+    align_signs,
+    energy_rank,
+    factorize,
+    factorize_energy,
+    pad_rank,
+    reconstruct,
+)
 from mergenet_fl.packet import (
     FactorPair,
     KnowledgePacket,
@@ -50,7 +57,9 @@ __all__ = [
     "describe_selection",
     "encode_factors",
     "export_packet",
+    "energy_rank",
     "factorize",
+    "factorize_energy",
     "gradient_pieces",
     "install_merged",
     "pad_rank",

@@ -99,3 +99,27 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     a_pad = torch.nn.functional.pad(a, (0, rank - r))
     b_pad = torch.nn.functional.pad(b, (0, 0, 0, rank - r))
     return a_pad, b_pad
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular values ``(k,)`` whose squares hold at least ``energy``
+    (in (0, 1]) of the total: FedKD's rank rule. At least 1."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    power = singular_values.double().square()
+    total = power.sum()
+    if total <= 0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    # the first index where the kept share reaches ``energy`` (a little slack for rounding)
+    return int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1
+
+
+def factorize_energy(matrix: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``A: (m, k)``, ``B: (k, n)`` of the rank-k truncated SVD of ``matrix (m, n)``,
+    with ``k = energy_rank(σ, energy)`` (FedKD's compression of a parameter matrix)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"factorize_energy expects a matrix, got shape {tuple(matrix.shape)}")
+    sigma = torch.linalg.svdvals(matrix.detach().to(torch.float32))
+    rank = energy_rank(sigma, energy)
+    return factorize(matrix, rank, randomized_min_size=matrix.numel() + 1)

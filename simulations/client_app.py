@@ -22,11 +22,13 @@ from flwr.clientapp import ClientApp
 
 from simulations.config import ExperimentConfig, compose_cached
 from simulations.federation import Workload, build_workload, client_identity
-from simulations.tasks import TrainState, resolve_device
+from simulations.tasks import TrainState, calibrated_batchnorm, resolve_device
 from strategies import client as mc
 from strategies import protocol as p
 
 TRAIN_STATE_KEY = "mergenet.train-state"
+GLOBAL_METRICS = ("accuracy", "f1", "em", "chance", "loss")  # scored twice
+EXTENSION_KEY = "mergenet.extension"  # + the module's name: what a method trains beside the model
 
 
 def sync(context: Context, work: Workload) -> None:
@@ -95,7 +97,9 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             saved = mc.load_model_file(str(state_dir), client_id, server_round - 1, work.model)
             if saved:
                 work.train_state = _decode_train_state(saved)
-        extension = cfg.build_extension(work.head, work.data.num_classes)
+        extension = cfg.build_extension(work.model, work.head, work.data.num_classes)
+        for name, module in extension.modules().items():  # kept from the node's last round
+            mc.load_local_model(context, module, key=f"{EXTENSION_KEY}.{name}")
         start = time.perf_counter()
         installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
         extension.begin(msg, work.model)
@@ -111,6 +115,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
             data_seed=cfg.seed * 100_003 + partition_id * 1009,
             state=work.train_state,
+            lr=work.lr,
             device=resolve_device(cfg.device),
             extension=extension if extension.adds_loss else None,
             head=work.head,
@@ -128,6 +133,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         )
         work.model.cpu()  # factors and replies are built on the CPU
         save(context, work)
+        for name, module in extension.modules().items():
+            mc.save_local_model(context, module.cpu(), key=f"{EXTENSION_KEY}.{name}")
         if state_dir:
             extra = _encode_train_state(work.train_state)
             mc.save_model_file(str(state_dir), client_id, server_round, work.model, extra)
@@ -153,13 +160,17 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     def evaluate(msg: Message, context: Context) -> Message:
         entered = time.perf_counter()
         cfg, work = workload(context)
+        device = resolve_device(cfg.device)
+        # BatchNorm re-estimated once for both test sets (a copy: the model stays as trained)
+        model = calibrated_batchnorm(work.model, work.train_set, cfg.batch_size * 2, device)
         metrics = work.task.evaluate(
-            work.model,
-            work.eval_set,
-            batch_size=cfg.batch_size * 2,
-            device=resolve_device(cfg.device),
-            calibrate_on=work.train_set,
+            model, work.eval_set, batch_size=cfg.batch_size * 2, device=device
         )
+        if work.data.global_set is not None:  # eval_split=local: the global test as well
+            uniform = work.task.evaluate(
+                model, work.data.global_set, batch_size=cfg.batch_size * 2, device=device
+            )
+            metrics.update({f"global_{k}": uniform[k] for k in GLOBAL_METRICS if k in uniform})
         work.model.cpu()
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),

@@ -16,16 +16,35 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
+from simulations.models import ARCHITECTURES, build_model
 from simulations.tasks import resolve_device
-from strategies import FD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet, PeerStrategy
+from strategies import (
+    FD,
+    FML,
+    FedKD,
+    FedProto,
+    GroupFedAvg,
+    LGFedAvg,
+    LocalOnly,
+    MergeNet,
+    PeerStrategy,
+)
 from strategies.base import RoundSink
-from strategies.extension import ClassMeans, ClientExtension, SharedHead
+from strategies.extension import (
+    ClassMeans,
+    ClientExtension,
+    MentorMentee,
+    MutualLearning,
+    SharedHead,
+)
 from strategies.protocol import SHARE_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto", "fd")
+STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto", "fd", "fml", "fedkd")
+SHARED_MODEL_SEED = 999  # the shared model's initialisation (FML, FedKD): one for all clients
 PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
@@ -152,6 +171,14 @@ class ExperimentConfig:
             return FedProto(**common)
         if name == "fd":
             return FD(**common)
+        if name == "fml":
+            return FML(**common)
+        if name == "fedkd":
+            return FedKD(
+                t_start=float(self.strategy.get("t_start", 0.95)),
+                t_end=float(self.strategy.get("t_end", 0.98)),
+                **common,
+            )
         return MergeNet(
             hypernet=self.hypernet(),
             transfer_every=self.transfer_every,
@@ -163,14 +190,28 @@ class ExperimentConfig:
             **common,
         )
 
-    def build_extension(self, head: str, num_classes: int) -> ClientExtension:
-        """The strategy's client side for a client whose model's head is module ``head``."""
+    @property
+    def shared_arch(self) -> str:
+        """FML's shared model, FedKD's mentee: ``strategy.model``, else the first group's."""
+        return self.strategy.get("model") or self.clients[0].arch
+
+    def build_extension(self, model: nn.Module, head: str, num_classes: int) -> ClientExtension:
+        """The strategy's client side for a client whose ``model``'s head is module ``head``."""
         name = self.strategy["name"]
         if name == "lgfedavg":
             return SharedHead(head)
         if name in ("fedproto", "fd"):
             of = "features" if name == "fedproto" else "logits"
             return ClassMeans(num_classes, float(self.strategy.get("weight", 1.0)), of)
+        if name in ("fml", "fedkd"):
+            arch = self.shared_arch
+            shared = build_model(arch, num_classes, seed=self.seed * 1000 + SHARED_MODEL_SEED)
+            shared_head = ARCHITECTURES[arch].head
+            if name == "fml":
+                alpha, beta = self.strategy.get("alpha", 0.5), self.strategy.get("beta", 0.5)
+                return MutualLearning(shared, shared_head, float(alpha), float(beta))
+            widths = (model.get_submodule(head).in_features, shared.get_submodule(shared_head))
+            return MentorMentee(shared, shared_head, widths[0], widths[1].in_features, self.seed)
         return ClientExtension()  # MergeNet's steps are the protocol's receive and reply
 
 

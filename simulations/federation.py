@@ -36,7 +36,7 @@ TEXT_MAX_LENGTH = 64
 QA_MAX_LENGTH = 192
 
 
-DATA_VERSION = 2  # bump when the way client data is built changes
+DATA_VERSION = 3  # bump when the way client data is built changes
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class ClientData:
     train_rows: np.ndarray
     eval_rows: np.ndarray
     label_counts: tuple[int, ...]  # training examples per class (QA: unanswerable, answerable)
+    global_set: Dataset | None = None  # with eval_split=local: uniform test rows as well
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Workload:
     data: ClientData
     initial_state: dict[str, torch.Tensor]
     head: str  # module name of the model's output layer (its input: the features)
+    lr: float | None = None  # the architecture's learning rate (None: the task's default)
     train_state: TrainState = field(default_factory=TrainState)
     synced: str | None = None  # token of the context.state that model and train_state hold
 
@@ -101,7 +103,9 @@ def build_workload(
     """The workload of ``partition_id`` (``client_id`` defaults to ``client-<id>``), from the
     process's cache when an earlier message built it."""
     spec, index = cfg.client(partition_id)
-    seed = cfg.seed * 1000 + partition_id
+    # One initialisation per group, as FedAvg starts from one model: members that average
+    # their weights must not start apart.
+    seed = cfg.seed * 1000 + cfg.clients.index(spec)
     data_parts = _data_parts(cfg, spec.dataset, index)
     parts = {
         "data": data_parts,
@@ -119,8 +123,10 @@ def build_workload(
         layers = select_layers(model, as_spec(spec.layers, spec.exclude))
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         identity = client_identity(cfg, partition_id, client_id)
-        head = ARCHITECTURES[spec.arch].head
-        return Workload(identity, model, layers, get_task(spec.task), data, initial, head)
+        arch = ARCHITECTURES[spec.arch]
+        return Workload(
+            identity, model, layers, get_task(spec.task), data, initial, arch.head, arch.lr
+        )
 
     return _WORKLOADS.get(parts, build)
 
@@ -161,14 +167,19 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
             x, y = images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN]
             tx, ty = (x, y) if validation else (images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
-        train, held_out = _split(cfg, name, y, index, np.asarray(ty), seed)
+        train, held_out, uniform = _split(cfg, name, y, index, np.asarray(ty), seed)
+
+        def images(rows: np.ndarray) -> Dataset:
+            return D.ImageDataset(tx[rows], ty[rows], train=False)
+
         return ClientData(
             D.ImageDataset(x[train], y[train], train=True),
-            D.ImageDataset(tx[held_out], ty[held_out], train=False),
+            images(held_out),
             num_classes,
             train,
             held_out,
             _counts(y[train], num_classes),
+            None if uniform is None else images(uniform),
         )
     if name in TEXT_DATASETS:
         if name == "synthetic-text":
@@ -185,21 +196,26 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             test_texts, test_labels = texts, labels
         tokenizer = D.build_tokenizer(cfg.data_dir)
         y = np.asarray(labels)
-        train, held_out = _split(cfg, name, y, index, np.asarray(test_labels), seed)
+        train, held_out, uniform = _split(cfg, name, y, index, np.asarray(test_labels), seed)
+
+        def sentences(rows: np.ndarray) -> Dataset:
+            return D.TextClassificationDataset(
+                [test_texts[i] for i in rows],
+                [test_labels[i] for i in rows],
+                tokenizer,
+                TEXT_MAX_LENGTH,
+            )
+
         return ClientData(
             D.TextClassificationDataset(
                 [texts[i] for i in train], [labels[i] for i in train], tokenizer, TEXT_MAX_LENGTH
             ),
-            D.TextClassificationDataset(
-                [test_texts[i] for i in held_out],
-                [test_labels[i] for i in held_out],
-                tokenizer,
-                TEXT_MAX_LENGTH,
-            ),
+            sentences(held_out),
             num_classes,
             train,
             held_out,
             _counts(y[train], num_classes),
+            None if uniform is None else sentences(uniform),
         )
     if name in QA_DATASETS:
         examples = D.load_squad2("train", cfg.data_dir, seed=cfg.seed)
@@ -207,14 +223,19 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
         tokenizer = D.build_tokenizer(cfg.data_dir)
         answerable = np.array([0 if ex.is_impossible else 1 for ex in examples])
         test_answerable = np.array([0 if ex.is_impossible else 1 for ex in test])
-        train, held_out = _split(cfg, name, answerable, index, test_answerable, seed)
+        train, held_out, uniform = _split(cfg, name, answerable, index, test_answerable, seed)
+
+        def questions(rows: np.ndarray) -> Dataset:
+            return D.QADataset([test[i] for i in rows], tokenizer, QA_MAX_LENGTH)
+
         return ClientData(
             D.QADataset([examples[i] for i in train], tokenizer, QA_MAX_LENGTH),
-            D.QADataset([test[i] for i in held_out], tokenizer, QA_MAX_LENGTH),
+            questions(held_out),
             2,
             train,
             held_out,
             _counts(answerable[train], 2),
+            None if uniform is None else questions(uniform),
         )
     raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
 
@@ -230,8 +251,9 @@ def _split(
     index: int,
     eval_labels: np.ndarray,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of client ``index``'s training partition, and its evaluation rows.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Rows of client ``index``'s training partition, its evaluation rows, and with ``local``
+    also uniformly drawn test rows (the global test the report shows beside the local one).
 
     The dataset's training rows are split among the clients that use it (flwr-datasets,
     each client capped at its example count). Evaluation rows are ``cfg.test_examples`` of
@@ -251,10 +273,12 @@ def _split(
     )
     if cfg.eval_split == "validation":
         unused = np.setdiff1d(np.arange(len(labels)), np.concatenate(parts))
-        return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)]
+        return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)], None
+    uniform = _subset(len(eval_labels), cfg.test_examples, seed)
     if cfg.eval_split == "local":
-        return parts[index], local_rows(eval_labels, labels[parts[index]], cfg.test_examples, seed)
-    return parts[index], _subset(len(eval_labels), cfg.test_examples, seed)
+        local = local_rows(eval_labels, labels[parts[index]], cfg.test_examples, seed)
+        return parts[index], local, uniform
+    return parts[index], uniform, None
 
 
 def local_rows(eval_labels: np.ndarray, train_labels: np.ndarray, k: int, seed: int) -> np.ndarray:

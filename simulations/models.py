@@ -12,6 +12,11 @@ by ``model.named_modules()``:
   channels for ``width_mult < 1``).
 - ``bert_tiny``: head ``classifier`` (128→C); value projections
   ``bert.encoder.layer.{0,1}.attention.self.value`` (128→128).
+- ``resnet8_f512``, ``convnet5``, ``convnet6``: head ``fc`` (512→C) after ``fc1`` (→512):
+  HtFLlib-style image models that share one head shape (the benchmark's ``htfe4``).
+- ``fasttext``, ``textcnn``: head ``fc`` (128→C) after ``fc1`` (→128): cheap text models
+  that share one head shape (the benchmark's ``htfe_text``).
+- ``bert_tiny4``: as ``bert_tiny`` with 4 layers.
 - ``bert_small``: head ``classifier`` (256→C); value projections
   ``bert.encoder.layer.{0,1,2,3}.attention.self.value`` (256→256).
 - ``distilbert_tiny_qa``: head ``qa_outputs`` (128→2); value projections
@@ -23,7 +28,8 @@ All of them are ``nn.Linear`` (names checked against torchvision 0.29 and transf
 Image models take float ``[B, 3, 32, 32]`` and return logits ``[B, C]``. Transformer
 models take ``input_ids`` / ``attention_mask`` (int64 ``[B, L]``) and return a
 ``transformers`` ``ModelOutput`` with ``logits [B, C]`` (classification) or
-``start_logits`` / ``end_logits [B, L]`` (QA).
+``start_logits`` / ``end_logits [B, L]`` (QA); ``fasttext`` and ``textcnn`` take the same and
+return :class:`TextLogits`.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ class ArchSpec:
         (weights load from a ``state_dict`` file).
     builder : Callable[[int], nn.Module]
         ``builder(num_classes)`` returns a randomly initialised model.
+    lr : float, optional
+        The model's learning rate where its task's default does not suit it (None: the
+        task's).
     """
 
     name: str
@@ -84,6 +93,7 @@ class ArchSpec:
     value_layers: tuple[str, ...]
     is_transformers: bool
     builder: Callable[[int], nn.Module]
+    lr: float | None = None
 
     @property
     def transfer_layers(self) -> tuple[str, ...]:
@@ -119,6 +129,8 @@ class CifarResNet(nn.Module):
         Channels of the three stages; stages 2 and 3 halve the resolution.
     blocks_per_stage : int
         ``BasicBlock`` count per stage.
+    feature_dim : int, optional
+        Project the pooled features to this width (``fc1`` + ReLU) before the head.
 
     Shapes: input float ``[B, 3, H, W]``, output logits ``[B, num_classes]``.
     """
@@ -128,6 +140,7 @@ class CifarResNet(nn.Module):
         num_classes: int,
         widths: tuple[int, int, int] = (16, 32, 64),
         blocks_per_stage: int = 1,
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         if blocks_per_stage < 1:
@@ -153,14 +166,17 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], num_classes)
+        # HtFLlib's backbones end in one feature width: a projection, then the head
+        self.fc1 = nn.Linear(widths[2], feature_dim) if feature_dim else None
+        self.fc = nn.Linear(feature_dim or widths[2], num_classes)
         _init_cnn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images ``[B, 3, H, W]`` to logits ``[B, num_classes]``."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x if self.fc1 is None else torch.relu(self.fc1(x)))
 
 
 class Cnn4(nn.Module):
@@ -188,6 +204,37 @@ class Cnn4(nn.Module):
         return self.fc(torch.relu(self.fc1(torch.flatten(x, 1))))
 
 
+class ConvNet(nn.Module):
+    """A plain VGG-style CNN for 32×32 inputs: stages of 3×3 conv, BatchNorm, ReLU and 2×2
+    max-pooling (``widths``: channels per stage), global average pooling, a
+    ``fc1: widths[-1] → feature_dim`` layer with ReLU, and the head ``fc``. With
+    ``feature_dim=512`` it fits HtFLlib's model families (one feature width, one head shape).
+
+    Shapes: input float ``[B, 3, 32, 32]``, output logits ``[B, num_classes]``.
+    """
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...], feature_dim: int = 512) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc1 = nn.Linear(channels, feature_dim)
+        self.fc = nn.Linear(feature_dim, num_classes)
+        _init_cnn(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images ``[B, 3, 32, 32]`` to logits ``[B, num_classes]``."""
+        return self.fc(torch.relu(self.fc1(self.features(x))))
+
+
 def _build_cnn4(num_classes: int) -> nn.Module:
     return Cnn4(num_classes)
 
@@ -202,6 +249,18 @@ def _build_resnet18(num_classes: int) -> nn.Module:
 
 def _build_resnet8(num_classes: int) -> nn.Module:
     return CifarResNet(num_classes, widths=(16, 32, 64), blocks_per_stage=1)
+
+
+def _build_resnet8_f512(num_classes: int) -> nn.Module:
+    return CifarResNet(num_classes, widths=(16, 32, 64), blocks_per_stage=1, feature_dim=512)
+
+
+def _build_convnet5(num_classes: int) -> nn.Module:
+    return ConvNet(num_classes, widths=(16, 32, 64))
+
+
+def _build_convnet6(num_classes: int) -> nn.Module:
+    return ConvNet(num_classes, widths=(32, 64, 128, 256))
 
 
 def _mobilenet_v2_cifar(num_classes: int, width_mult: float) -> nn.Module:
@@ -230,6 +289,76 @@ def _build_mobilenet_v2_small(num_classes: int) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------
+# Cheap text models (HtFLlib's text families have fastText and TextCNN)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextLogits:
+    """What a text classifier returns, as a ``transformers`` one does: ``logits (B, C)``."""
+
+    logits: torch.Tensor
+
+
+class _TextClassifier(nn.Module):
+    """Token embeddings ``(V, embed)`` → :meth:`encode` → ``fc1`` (→ ``feature_dim``, ReLU) →
+    head ``fc``. Input ``input_ids``, ``attention_mask`` int64 ``(B, L)``."""
+
+    def __init__(self, num_classes: int, width: int, embed: int, feature_dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(_BERT_VOCAB_SIZE, embed, padding_idx=0)
+        self.fc1 = nn.Linear(width, feature_dim)
+        self.fc = nn.Linear(feature_dim, num_classes)
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L, embed)``, ``(B, L, 1)`` -> ``(B, width)``."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextLogits:
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = self.encode(self.embedding(input_ids), mask)
+        return TextLogits(self.fc(torch.relu(self.fc1(pooled))))
+
+
+class FastText(_TextClassifier):
+    """fastText (Joulin et al., 2017): the mean of the token embeddings."""
+
+    def __init__(self, num_classes: int, embed: int = 64, feature_dim: int = 128) -> None:
+        super().__init__(num_classes, embed, embed, feature_dim)
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class TextCNN(_TextClassifier):
+    """TextCNN (Kim, 2014): 1-D convolutions of widths 3, 4, 5 (``filters`` each), ReLU, max
+    over the attended positions."""
+
+    def __init__(
+        self, num_classes: int, embed: int = 64, filters: int = 64, feature_dim: int = 128
+    ) -> None:
+        super().__init__(num_classes, 3 * filters, embed, feature_dim)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(embed, filters, kernel_size=k, padding=k // 2) for k in (3, 4, 5)
+        )
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x, length = (tokens * mask).transpose(1, 2), tokens.shape[1]
+        blocked = (1.0 - mask.transpose(1, 2)) * -1e4  # padding never wins the max
+        return torch.cat(
+            [(torch.relu(conv(x))[..., :length] + blocked).amax(-1) for conv in self.convs], 1
+        )
+
+
+def _build_fasttext(num_classes: int) -> nn.Module:
+    return FastText(num_classes)
+
+
+def _build_textcnn(num_classes: int) -> nn.Module:
+    return TextCNN(num_classes)
+
+
+# --------------------------------------------------------------------------------------
 # Transformers
 # --------------------------------------------------------------------------------------
 
@@ -251,6 +380,10 @@ def _bert_classifier(num_classes: int, hidden: int, layers: int, heads: int) -> 
 
 def _build_bert_tiny(num_classes: int) -> nn.Module:
     return _bert_classifier(num_classes, hidden=128, layers=2, heads=2)
+
+
+def _build_bert_tiny4(num_classes: int) -> nn.Module:
+    return _bert_classifier(num_classes, hidden=128, layers=4, heads=2)
 
 
 def _build_bert_small(num_classes: int) -> nn.Module:
@@ -281,6 +414,10 @@ ARCHITECTURES: MappingProxyType[str, ArchSpec] = MappingProxyType(
             ArchSpec("cnn4", "image_classification", "fc", (), False, _build_cnn4),
             ArchSpec("resnet18", "image_classification", "fc", (), False, _build_resnet18),
             ArchSpec("resnet8", "image_classification", "fc", (), False, _build_resnet8),
+            # HtFLlib-style: 512-d features and one head shape, cheap on a CPU (benchmark)
+            ArchSpec("resnet8_f512", "image_classification", "fc", (), False, _build_resnet8_f512),
+            ArchSpec("convnet5", "image_classification", "fc", (), False, _build_convnet5),
+            ArchSpec("convnet6", "image_classification", "fc", (), False, _build_convnet6),
             ArchSpec(
                 "mobilenet_v2",
                 "image_classification",
@@ -304,6 +441,17 @@ ARCHITECTURES: MappingProxyType[str, ArchSpec] = MappingProxyType(
                 _value_layers("bert.encoder.layer.{i}.attention.self.value", 2),
                 True,
                 _build_bert_tiny,
+            ),
+            # shallow models from scratch: AdamW at 5e-3, not the transformers' 5e-4
+            ArchSpec("fasttext", "text_classification", "fc", (), False, _build_fasttext, 5e-3),
+            ArchSpec("textcnn", "text_classification", "fc", (), False, _build_textcnn, 5e-3),
+            ArchSpec(  # bert_tiny's width, twice its depth: one head shape with it
+                "bert_tiny4",
+                "text_classification",
+                "classifier",
+                _value_layers("bert.encoder.layer.{i}.attention.self.value", 4),
+                True,
+                _build_bert_tiny4,
             ),
             ArchSpec(
                 "bert_small",

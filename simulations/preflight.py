@@ -64,7 +64,7 @@ def problems(cfg: ExperimentConfig) -> list[str]:
         heads[group.group] = (
             tuple(model.get_submodule(spec.head).weight.shape) if classification else None
         )
-    found += _head_problems(str(cfg.strategy.get("name")), heads)
+    found += _head_problems(cfg, heads)
     for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
         found += D.check_dataset_files(dataset, cfg.data_dir)
     if cfg.strategy.get("name") == "mergenet":
@@ -80,35 +80,50 @@ def problems(cfg: ExperimentConfig) -> list[str]:
     return found
 
 
-# what each method exchanges, in terms of the head's weight shape (classes, features)
+# what each method exchanges, and what of the head's weight shape (classes, features) it needs
+HEAD_SHAPE, CLASS_COUNT = "head shape (classes, features)", "class count"
 SHARES = {
-    "lgfedavg": ("the head", lambda shape: shape),
-    "fedproto": ("per-class mean features", lambda shape: shape),
-    "fd": ("per-class mean logits", lambda shape: shape[0]),
+    "lgfedavg": ("the head", HEAD_SHAPE),
+    "fedproto": ("per-class mean features", HEAD_SHAPE),
+    "fd": ("per-class mean logits", CLASS_COUNT),
+    "fml": ("a shared model", CLASS_COUNT),
+    "fedkd": ("a shared mentee", CLASS_COUNT),
 }
 
 
-def _head_problems(strategy: str, heads: dict[str, tuple[int, ...] | None]) -> list[str]:
+def _head_problems(cfg: ExperimentConfig, heads: dict[str, tuple[int, ...] | None]) -> list[str]:
     """LG-FedAvg averages the head and FedProto the head's input per class: both need one head
-    shape ``(classes, features)`` across the federation; FD averages logits per class: one
-    class count. All need a classification head."""
+    shape ``(classes, features)`` across the federation; FD averages logits per class, FML and
+    FedKD a shared model: one class count (and for those two, a shared architecture of the
+    clients' task). All need a classification head."""
+    strategy = str(cfg.strategy.get("name"))
     if strategy not in SHARES:
         return []
-    what, key = SHARES[strategy]
+    what, need = SHARES[strategy]
     found = [
         f"strategy {strategy}: group {g!r} is extractive QA, which has no class head"
         for g, shape in heads.items()
         if shape is None
     ]
     shapes = {g: shape for g, shape in heads.items() if shape is not None}
-    if len({key(shape) for shape in shapes.values()}) > 1:
+    if len({shape if need == HEAD_SHAPE else shape[0] for shape in shapes.values()}) > 1:
         listed = ", ".join(f"{g} {shape}" for g, shape in shapes.items())
         found.append(
-            f"strategy {strategy} shares {what}, so every client needs the same "
-            f"{'class count' if strategy == 'fd' else 'head shape (classes, features)'}, and "
+            f"strategy {strategy} shares {what}, so every client needs the same {need}, and "
             f"this federation's heads are {listed}; use one whose models share it "
             "(federation=htfe2)"
         )
+    if strategy in ("fml", "fedkd"):
+        arch = cfg.shared_arch
+        if arch not in ARCHITECTURES:
+            found.append(f"strategy.model: unknown arch {arch!r}; known: {sorted(ARCHITECTURES)}")
+        else:
+            wrong = sorted({c.group for c in cfg.clients if c.task != ARCHITECTURES[arch].task})
+            if wrong:
+                found.append(
+                    f"strategy {strategy}: the shared model {arch!r} solves "
+                    f"{ARCHITECTURES[arch].task}, which groups {wrong} do not; set strategy.model"
+                )
     return found
 
 

@@ -35,6 +35,17 @@ from strategies.runlog import (
 matplotlib.use("Agg")  # files only, no display
 
 LOCAL, GROUP_FEDAVG, LPKA = "LocalOnly", "GroupFedAvg", "MergeNet (lpka)"
+# the field's baselines by strategy name, and HtFLlib's published order on CIFAR-10 with
+# Dirichlet 0.1 (HtFE8, 20 clients; ../shared/docs/htfl.md), best first
+FIELD = {
+    "lgfedavg": "LG-FedAvg",
+    "fedproto": "FedProto",
+    "fd": "FD",
+    "fml": "FML",
+    "fedkd": "FedKD",
+}
+HTFL_C10_DIR01 = {"FedKD": 86.45, "FD": 86.01, "FML": 85.88, "LG-FedAvg": 84.55, "FedProto": 82.07}
+GLOBAL_KEYS = tuple(f"global_{k}" for k in SCORE_KEYS)  # eval_split=local: the global test too
 TRANSFER_ONLY = "MergeNet (lpka, transfer only)"
 ABLATION_ORDER = ("lpka", "avg", "rows", "mlp")  # the paper's order, best first
 
@@ -55,6 +66,7 @@ class Run:
     seconds: float
     overhead: float | None  # MergeNet's client-side time / local training time
     chance: dict[str, float] = field(default_factory=dict)  # group -> final chance level
+    global_chance: dict[str, float] = field(default_factory=dict)  # on the global test
     transfer_effect: dict[str, float] = field(default_factory=dict)  # group -> last round's
     path: Path = field(repr=False, default=Path())
 
@@ -81,6 +93,8 @@ def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
         return LOCAL
     if strategy == "groupfedavg":
         return GROUP_FEDAVG
+    if strategy in FIELD:
+        return FIELD[strategy]
     label = f"MergeNet ({cfg['adapter']['variant']}"
     if cfg["transfer_every"] != 1:
         label += f", every {cfg['transfer_every']} rounds"
@@ -114,7 +128,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
     if not curves:
         return None
     final: dict[str, dict[str, float]] = defaultdict(dict)
-    for metric in SCORE_KEYS:
+    for metric in SCORE_KEYS + GLOBAL_KEYS:
         for group, curve in group_curves(lines, metric).items():
             final[group][metric] = list(curve.values())[-1]
     traffic = bytes_per_round(lines)
@@ -140,6 +154,9 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         seconds=json.loads((path / "run.json").read_text())["seconds"],
         overhead=overhead,
         chance=chance_levels(lines),
+        global_chance={
+            g: list(c.values())[-1] for g, c in group_curves(lines, "global_chance").items() if c
+        },
         transfer_effect=last_transfer_effect(lines),
         path=path,
     )
@@ -212,7 +229,8 @@ class Table:
             by_method[run.method].append(run)
         groups = sorted({g for r in runs for g in r.final})
         metrics = {
-            g: [k for k in SCORE_KEYS if any(k in r.final.get(g, {}) for r in runs)] for g in groups
+            g: [k for k in SCORE_KEYS + GLOBAL_KEYS if any(k in r.final.get(g, {}) for r in runs)]
+            for g in groups
         }
         stats = {
             (m, g, k): _mean_std([r.final[g][k] for r in rs if k in r.final.get(g, {})])
@@ -231,10 +249,14 @@ class Table:
     def overall(self, method: str) -> float:
         return statistics.mean(self.score(method, g)[0] for g in self.groups)
 
-    def chance(self, group: str) -> float | None:
-        """The group's final chance level, mean over all runs; None where no run reports it."""
+    def chance(self, group: str, split: str = "chance") -> float | None:
+        """The group's final chance level, mean over all runs; None where no run reports it
+        (``split="global_chance"``: on the global test)."""
         levels = [
-            r.chance[group] for rs in self.by_method.values() for r in rs if group in r.chance
+            getattr(r, split)[group]
+            for rs in self.by_method.values()
+            for r in rs
+            if group in getattr(r, split)
         ]
         return statistics.mean(levels) if levels else None
 
@@ -268,10 +290,14 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
             f"| {m} | {len(rs)} | {' | '.join(cells)} | {100 * table.overall(m):.1f} | "
             f"{b / 1e3:,.0f} kB | {ratio} | {wall:.0f} | {oh} |"
         )
-    chance = [table.chance(g) for g in groups]
+
+    def levels(g: str) -> str:
+        both = [table.chance(g), table.chance(g, "global_chance")]
+        return " / ".join(f"{100 * c:.1f}" for c in both if c is not None) or "–"
+
     out.append(
         "| chance (always the most frequent label; QA: always 'no answer') | | "
-        + " | ".join("–" if c is None else f"{100 * c:.1f}" for c in chance)
+        + " | ".join(levels(g) for g in groups)
         + " | | | | | |"
     )
     out.append("")
@@ -448,6 +474,48 @@ def targets_section(runs: list[Run]) -> list[str]:
     return out + [""]
 
 
+def field_section(runs: list[Run]) -> list[str]:
+    """Where MergeNet stands among the field's baselines, per federation that has them:
+    each method's mean gain over LocalOnly (local test, mean over groups), best first, and the
+    baselines' order against HtFLlib's published one."""
+    by_fed: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_fed[run.federation].append(run)
+    out: list[str] = []
+    for federation, fed_runs in sorted(by_fed.items()):
+        t = Table.of(fed_runs)
+        field_methods = [m for m in t.by_method if m in FIELD.values()]
+        if LOCAL not in t.by_method or not field_methods:
+            continue
+        gains = {m: 100 * (t.overall(m) - t.overall(LOCAL)) for m in t.by_method if m != LOCAL}
+        ranked = sorted(gains, key=gains.get, reverse=True)
+        mergenet = [m for m in ranked if m.startswith("MergeNet")]
+        best = max(field_methods, key=gains.get)
+        ours = [m for m in ranked if m in HTFL_C10_DIR01]
+        theirs = [m for m in HTFL_C10_DIR01 if m in ours]
+        out += [
+            f"## Among the field's methods ({federation})",
+            "",
+            "Gain over LocalOnly, points of the mean score over groups, best first:",
+            "",
+            *(f"- {m}: {gains[m]:+.1f}" for m in ranked),
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        for m in mergenet:
+            out.append(
+                f"| {m} ≥ the best baseline ({best}) | {gains[m]:+.1f} vs {gains[best]:+.1f} "
+                f"| {_yes(gains[m] >= gains[best])} |"
+            )
+        out += [
+            f"| the baselines' order matches HtFLlib's (CIFAR-10, Dir 0.1: "
+            f"{' > '.join(theirs)}) | {' > '.join(ours)} | {_yes(ours == theirs)} |",
+            "",
+        ]
+    return out
+
+
 def variant_method(t: Table, variant: str) -> str | None:
     """The one method of ``t`` that is MergeNet with adapter ``variant`` (whatever settings its
     label names), or None when there is none or several."""
@@ -563,7 +631,8 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
     scored_on = {
         "test": "each client's test examples, a uniform sample of the test split",
         "local": "each client's test examples, drawn with its training partition's label "
-        "distribution as personalised FL scores a client (`eval_split=local`)",
+        "distribution as personalised FL scores a client (`eval_split=local`); the second "
+        "number of a cell (`global_…`) is the same model on a uniform sample of the test split",
         "validation": "each client's validation examples, training rows that no client trains on",
     }[next(iter(splits))]
     lines = [
@@ -580,6 +649,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "over local training time.",
         "",
         *(targets_section(runs) if on_test else []),
+        *field_section(runs),
         "## Per federation",
         "",
     ]

@@ -2,10 +2,11 @@
 
     python -m simulations.study quick     # 2 seeds, 3 rounds: under 10 minutes on 2 cores
     python -m simulations.study full      # 3 seeds, every method: under an hour on 2 cores
+    python -m simulations.study benchmark # the field's baselines, HtFLlib's protocol: 90 min
 
 The sweeps are in ``conf/study/<name>.yaml``; results go to ``outputs/study-<name>/`` and the
-report to ``docs/results.md`` for ``full``, ``docs/results-<name>.md`` for the others
-(``--report`` to change it).
+report to ``docs/results.md`` for ``full``, ``docs/benchmark.md`` for ``benchmark``,
+``docs/results-<name>.md`` for the others (``--report`` to change it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from simulations.report import write_report
 from simulations.server_app import setup_logging
 
 log = logging.getLogger("simulations.study")
+REPORTS = {"full": "docs/results.md", "benchmark": "docs/benchmark.md"}  # the others: results-*
 
 
 def sweep_commands(study: str, out: Path) -> dict[str, list[str]]:
@@ -62,9 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     out = (args.out or Path("outputs") / f"study-{args.study}").resolve()
-    report = args.report or Path(
-        "docs/results.md" if args.study == "full" else f"docs/results-{args.study}.md"
-    )
+    report = args.report or Path(REPORTS.get(args.study, f"docs/results-{args.study}.md"))
     if not args.report_only:
         commands = sweep_commands(args.study, out)
         if args.sweeps:

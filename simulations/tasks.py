@@ -290,8 +290,7 @@ class _SupervisedTask:
         Only classification tasks take extensions (they see logits and labels)."""
         raise ValueError(f"{self.name} takes no client extension")
 
-    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+    def _optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         if self.config.optimizer == "sgd":
             return torch.optim.SGD(
                 params, lr=lr, momentum=self.config.momentum, weight_decay=self.config.weight_decay
@@ -350,7 +349,9 @@ class _SupervisedTask:
             Where to train.
         extension : ClientExtension, optional
             A method's client side: its :meth:`~strategies.extension.ClientExtension.loss` is
-            added to every batch's loss (``head``: the module whose input are the features).
+            added to every batch's loss (``head``: the module whose input are the features),
+            and its :meth:`~strategies.extension.ClientExtension.modules` train with the model
+            (one optimiser, whose state ``state`` carries).
 
         Returns
         -------
@@ -383,8 +384,9 @@ class _SupervisedTask:
             num_examples, batch_size, steps, state, seed if data_seed is None else data_seed
         )
         dev = torch.device(device)
-        model.to(dev).train()
-        optimizer = self._optimizer(model, lr)
+        modules = [model, *(extension.modules().values() if extension is not None else ())]
+        params = [p for m in modules for p in m.to(dev).train().parameters() if p.requires_grad]
+        optimizer = self._optimizer(params, lr)
         if state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
         start = time.perf_counter()
@@ -400,7 +402,7 @@ class _SupervisedTask:
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if self.config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+                    nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
                 optimizer.step()
                 loss_sum += loss.item() * size
                 seen += size
@@ -483,7 +485,13 @@ class _ClassificationTask(_SupervisedTask):
         logits, labels = self._logits_and_labels(model, batch, device)
         loss = F.cross_entropy(logits, labels)
         features = getattr(model, HEAD_INPUT, None)
-        extra = extension.loss(features, logits, labels)
+
+        def forward(other: nn.Module, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+            with head_inputs(other, head):
+                other_logits, _ = self._logits_and_labels(other, batch, device)
+                return getattr(other, HEAD_INPUT), other_logits
+
+        extra = extension.loss(features, logits, labels, forward)
         return loss, loss if extra is None else loss + extra, labels.shape[0]
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """Flower strategies for heterogeneous federations: MergeNet and its baselines (LocalOnly,
-GroupFedAvg, and the field's LG-FedAvg, FedProto and FD), on one client protocol."""
+GroupFedAvg, and the field's LG-FedAvg, FedProto, FD, FML and FedKD), on one client protocol."""
 
 from strategies.base import ClientReply, PeerStrategy
 from strategies.baselines import GroupFedAvg, LocalOnly
@@ -7,11 +7,14 @@ from strategies.fedproto import FD, FedProto
 from strategies.lgfedavg import LGFedAvg
 from strategies.mergenet import MergeNet
 from strategies.protocol import ClientIdentity, group_state_dicts
+from strategies.shared_model import FML, FedKD
 
 __all__ = [
     "FD",
+    "FML",
     "ClientIdentity",
     "ClientReply",
+    "FedKD",
     "FedProto",
     "GroupFedAvg",
     "LGFedAvg",

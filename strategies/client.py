@@ -43,22 +43,23 @@ MODEL_KEY = "mergenet.model"
 MERGENET_SECONDS = "mergenet_seconds"
 
 
-def has_local_model(context: Context) -> bool:
-    return MODEL_KEY in context.state.array_records
+def has_local_model(context: Context, key: str = MODEL_KEY) -> bool:
+    return key in context.state.array_records
 
 
-def load_local_model(context: Context, model: nn.Module) -> bool:
-    """Restore the model this node trained in earlier rounds; False on the first round."""
-    if not has_local_model(context):
+def load_local_model(context: Context, model: nn.Module, key: str = MODEL_KEY) -> bool:
+    """Restore the model this node trained in earlier rounds; False on the first round.
+    ``key`` names another model the node keeps (e.g. a method's shared model)."""
+    if not has_local_model(context, key):
         return False
-    model.load_state_dict(context.state.array_records[MODEL_KEY].to_torch_state_dict())
+    model.load_state_dict(context.state.array_records[key].to_torch_state_dict())
     return True
 
 
-def save_local_model(context: Context, model: nn.Module) -> None:
+def save_local_model(context: Context, model: nn.Module, key: str = MODEL_KEY) -> None:
     """Keep the model in ``context.state`` (it persists per node for the whole run)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    context.state.array_records[MODEL_KEY] = ArrayRecord(state)
+    context.state.array_records[key] = ArrayRecord(state)
 
 
 def save_model_file(

@@ -3,11 +3,14 @@ term it adds to every batch's loss, and what it sends back. Methods differ only 
 their strategy); the client's loops, data, sampling and messages are the same for all.
 
     extension.begin(msg, model)                   # before training
-    loss = task_loss + extension.loss(features, logits, labels)   # every batch
+    loss = task_loss + extension.loss(features, logits, labels, forward)   # every batch
     records = extension.end(msg, model, embed)    # after training: added to the reply
 
-``features`` are the input of the model's head, ``(B, d)``; ``embed()`` yields
-``(features, logits, labels)`` batches of the client's training set under the trained model.
+``features`` are the input of the model's head, ``(B, d)``; ``forward(other, head)`` runs the
+same batch through another model (FML's shared model, FedKD's mentee: the method's
+:meth:`~ClientExtension.modules`, which train beside the client's model and which the client
+keeps from round to round); ``embed()`` yields ``(features, logits, labels)`` batches of the
+client's training set under the trained model.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from mergenet_fl import PacketError
 from strategies import protocol as p
 
 Embed = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+#: This batch through another model: ``forward(other, head) -> (features (B, d), logits (B, C))``
+#: with ``features`` the input of ``other``'s module ``head``.
+Forward = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClientExtension:
@@ -32,11 +38,20 @@ class ClientExtension:
 
     adds_loss = False  # whether :meth:`loss` adds a term (it then reads the head's input)
 
+    def modules(self) -> dict[str, nn.Module]:
+        """Models the method trains beside the client's own (their parameters join its
+        optimiser); the client keeps their state from one round to the next."""
+        return {}
+
     def begin(self, msg: Message, model: nn.Module) -> None:
         """Install what the server sent for this round."""
 
     def loss(
-        self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        forward: Forward,
     ) -> torch.Tensor | None:
         """An extra term for this batch's loss (None: nothing)."""
         return None
@@ -104,7 +119,11 @@ class ClassMeans(ClientExtension):
         self.present = torch.from_numpy(counts > 0)
 
     def loss(
-        self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        forward: Forward,
     ) -> torch.Tensor | None:
         if self.means is None:
             return None
@@ -139,3 +158,135 @@ class ClassMeans(ClientExtension):
                 {"means": means.float().numpy(), "counts": counts.float().numpy()}
             )
         }
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per example (``batchmean``), the teacher's logits held fixed."""
+    return F.kl_div(
+        F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction="batchmean"
+    )
+
+
+class MutualLearning(ClientExtension):
+    """FML's client: a shared model (one architecture for the whole federation; ``head``: its
+    output module) trains beside the client's own, each learning from the labels and from the
+    other's predictions (deep mutual learning, the other's held fixed)::
+
+        own:    α·CE + (1 − α)·KL(shared ‖ own)
+        shared: β·CE + (1 − β)·KL(own ‖ shared)
+
+    It installs the server's average when one comes, and sends its floating ``state_dict``
+    entries back (record ``shared-model``)."""
+
+    adds_loss = True
+
+    def __init__(self, shared: nn.Module, head: str, alpha: float = 0.5, beta: float = 0.5) -> None:
+        if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0):
+            raise ValueError(f"alpha and beta must be in [0, 1], got {alpha}, {beta}")
+        self.shared, self.head, self.alpha, self.beta = shared, head, alpha, beta
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"shared": self.shared}
+
+    def begin(self, msg: Message, model: nn.Module) -> None:
+        if p.SHARED_MODEL not in msg.content.array_records:
+            return  # round 1: every client built the same initial shared model
+        self.install(self.received(msg))
+
+    def received(self, msg: Message) -> dict[str, np.ndarray]:
+        """The shared model in a train message, as named arrays."""
+        return p.from_record(msg.content.array_records[p.SHARED_MODEL])
+
+    def install(self, state: dict[str, np.ndarray]) -> None:
+        own = self.shared.state_dict()
+        if set(state) != set(self.sent()) or any(state[k].size != own[k].numel() for k in state):
+            raise PacketError(
+                "the server's shared model does not fit this client's: every client must build "
+                "the same shared architecture"
+            )
+        self.shared.load_state_dict(
+            {k: torch.from_numpy(v.reshape(own[k].shape).copy()) for k, v in state.items()},
+            strict=False,
+        )
+
+    def sent(self) -> dict[str, np.ndarray]:
+        """The shared model's floating entries (parameters and BatchNorm statistics)."""
+        return {
+            k: v.detach().cpu().numpy()
+            for k, v in self.shared.state_dict().items()
+            if v.is_floating_point()
+        }
+
+    def loss(
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        forward: Forward,
+    ) -> torch.Tensor | None:
+        _, shared_logits = forward(self.shared, self.head)
+        own_ce = F.cross_entropy(logits, labels)  # the task already adds it once, weight 1
+        return (
+            (self.alpha - 1.0) * own_ce
+            + (1.0 - self.alpha) * _kl(logits, shared_logits)
+            + self.beta * F.cross_entropy(shared_logits, labels)
+            + (1.0 - self.beta) * _kl(shared_logits, logits)
+        )
+
+    def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
+        return {p.SHARED_MODEL: p.to_record(self.sent())}
+
+
+class MentorMentee(MutualLearning):
+    """FedKD's client: the client's model (mentor) and the shared mentee distil each other with
+    weights that shrink while their predictions are poor, and align their features through a
+    local projection ``W_h: (d_mentee → d_own)`` (kept by the client)::
+
+        w = 1 / (CE_own + CE_mentee)            (held fixed)
+        own:    CE_own    + w·KL(mentee ‖ own) + w·MSE(features, W_h · mentee features)
+        mentee: CE_mentee + w·KL(own ‖ mentee) + the same MSE
+
+    The mentee travels as truncated-SVD factors both ways (energy: the round's ``svd-energy``).
+    """
+
+    def __init__(
+        self, shared: nn.Module, head: str, own_width: int, mentee_width: int, seed: int = 0
+    ) -> None:
+        super().__init__(shared, head)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.projection = nn.Linear(mentee_width, own_width, bias=False)
+        self.energy = 1.0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"shared": self.shared, "projection": self.projection}
+
+    def begin(self, msg: Message, model: nn.Module) -> None:
+        config = msg.content.config_records.get(p.CONFIG, {})
+        energy = config.get(p.ENERGY, 1.0)
+        if not isinstance(energy, float) or not 0.0 < energy <= 1.0:
+            raise PacketError(f"FedKD: svd-energy {energy!r} is not in (0, 1]")
+        self.energy = energy
+        super().begin(msg, model)
+
+    def received(self, msg: Message) -> dict[str, np.ndarray]:
+        return p.recover_state(super().received(msg))
+
+    def loss(
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        forward: Forward,
+    ) -> torch.Tensor | None:
+        mentee_features, mentee_logits = forward(self.shared, self.head)
+        own_ce = F.cross_entropy(logits, labels)
+        mentee_ce = F.cross_entropy(mentee_logits, labels)
+        weight = 1.0 / (own_ce + mentee_ce).detach().clamp_min(1e-6)
+        hidden = F.mse_loss(features, self.projection(mentee_features))
+        return mentee_ce + weight * (
+            _kl(logits, mentee_logits) + _kl(mentee_logits, logits) + 2.0 * hidden
+        )
+
+    def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
+        return {p.SHARED_MODEL: p.to_record(p.compress_state(self.sent(), self.energy))}

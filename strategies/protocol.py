@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from mergenet_fl import PacketError
+from mergenet_fl import PacketError, factorize_energy
 
 CONFIG = "config"
 MERGED = "merged"
@@ -33,6 +33,7 @@ INITIAL = "initial-arrays"
 HEAD = "head"  # LG-FedAvg: the averaged head, "weight" and "bias"
 PROTOS = "protos"  # FedProto: per-class mean features, "means" (C, d) and "counts" (C,)
 LOGITS = "logits"  # FD: per-class mean logits, "means" (C, C) and "counts" (C,)
+SHARED_MODEL = "shared-model"  # FML, FedKD: the shared model's floating state (FedKD: factors)
 IDENTITY = "identity"
 METRICS = "metrics"
 PACKET = "packet"
@@ -44,6 +45,7 @@ ROUND = "server-round"
 SEND_PACKET = "send-packet"
 SHARE = "share"
 ADAPTER_RANK = "adapter-rank"
+ENERGY = "svd-energy"  # FedKD: share of the singular values' energy its factors keep
 CLIENT_STATE_DIR = "client-state-dir"  # where clients keep their models across restarts
 SHARE_MODES = ("none", "unselected", "all")
 NUM_EXAMPLES = "num-examples"
@@ -125,4 +127,49 @@ def group_state_dicts(arrays: ArrayRecord) -> dict[str, dict[str, torch.Tensor]]
     for key, value in from_record(arrays).items():
         group, _, name = key.rpartition("/")
         out.setdefault(group, {})[name] = torch.from_numpy(value.copy())
+    return out
+
+
+FACTOR_A, FACTOR_B = "@a", "@b"  # suffixes of a compressed matrix's factors (m, k), (k, n)
+
+
+def compress_state(state: dict[str, np.ndarray], energy: float) -> dict[str, np.ndarray]:
+    """FedKD's compression: each entry with two or more dimensions, as the matrix
+    ``(shape[0], rest)``, becomes factors ``name@a (m, k)``, ``name@b (k, n)`` keeping
+    ``energy`` of its singular values' energy (:func:`~mergenet_fl.factorize_energy`) — when
+    that is smaller than the matrix; the others travel as they are."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        matrix = value.reshape(value.shape[0], -1) if value.ndim >= 2 else None
+        if matrix is None or min(matrix.shape) < 2:
+            out[name] = value
+            continue
+        a, b = factorize_energy(torch.from_numpy(np.ascontiguousarray(matrix)), energy)
+        m, n = matrix.shape
+        if a.shape[1] * (m + n) >= m * n:  # factors would not be smaller
+            out[name] = value
+            continue
+        out[name + FACTOR_A], out[name + FACTOR_B] = a.numpy(), b.numpy()
+    return out
+
+
+def recover_state(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`compress_state` up to the truncation: factor pairs become their
+    product ``(m, n)`` (the receiver reshapes it to its parameter); :class:`PacketError` for an
+    unpaired or mismatched factor."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in record.items():
+        if name.endswith(FACTOR_B):
+            continue
+        if not name.endswith(FACTOR_A):
+            out[name] = value
+            continue
+        base = name[: -len(FACTOR_A)]
+        b = record.get(base + FACTOR_B)
+        if b is None or value.ndim != 2 or b.ndim != 2 or value.shape[1] != b.shape[0]:
+            raise PacketError(f"compressed {base!r}: factors missing or of mismatched shapes")
+        out[base] = value @ b
+    orphans = [n for n in record if n.endswith(FACTOR_B) and n[: -len(FACTOR_B)] not in out]
+    if orphans:
+        raise PacketError(f"compressed factors without their pair: {orphans}")
     return out

@@ -6,7 +6,7 @@ from harness import needs_real_data
 from simulations import data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
-from strategies import FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
+from strategies import FML, FedKD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
 
 
 def test_string_and_list_overrides_compose_the_same_config():
@@ -56,6 +56,9 @@ def test_strategies_by_name():
     assert isinstance(compose("strategy=groupfedavg").build_strategy(), GroupFedAvg)
     assert isinstance(compose("strategy=lgfedavg").build_strategy(), LGFedAvg)
     assert isinstance(compose("strategy=fedproto").build_strategy(), FedProto)
+    assert isinstance(compose("strategy=fml").build_strategy(), FML)
+    kd = compose("strategy=fedkd strategy.t_start=0.9").build_strategy()
+    assert isinstance(kd, FedKD) and (kd.t_start, kd.t_end) == (0.9, 0.98)
     strat = compose("transfer_every=2 adapter=rows").build_strategy()
     assert isinstance(strat, MergeNet) and strat.transfer_every == 2
     assert strat.hypernet.cfg.adapter.combos == (("rows", "rows"),)
@@ -68,6 +71,14 @@ def test_partition_ids_map_to_client_groups():
     assert [c.arch for c in cfg.peers(spec.dataset)] == ["resnet8", "mobilenet_v2_small"]
     with pytest.raises(ConfigError, match="partition-id 3 is outside the federation's 3 clients"):
         cfg.client(3)
+
+
+def test_members_of_a_group_start_from_one_model_and_groups_from_their_own():
+    cfg = compose("federation=tiny federation.clients.0.count=2")  # resnet8 ×2, mobilenet, bert
+    first, second = (build_workload(cfg, i).initial_state for i in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # as FedAvg starts them
+    again = build_workload(compose("federation=tiny federation.clients.0.count=2 seed=1"), 0)
+    assert not torch.equal(again.initial_state["fc.weight"], first["fc.weight"])
 
 
 def test_workload_of_a_synthetic_client():

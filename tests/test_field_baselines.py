@@ -1,10 +1,11 @@
 """The field's heterogeneous-FL baselines on the shared client protocol: LG-FedAvg (an averaged
-head) and FedProto (class prototypes), server and client sides."""
+head), FedProto (class prototypes), FD (class mean logits), FML (a shared model, mutual
+learning) and FedKD (a shared mentee, SVD-compressed), server and client sides."""
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
 from harness import FakeGrid, app_nodes, set_task_identity
@@ -14,9 +15,10 @@ from simulations.config import compose
 from simulations.preflight import problems
 from strategies import protocol as p
 from strategies.base import ClientReply
-from strategies.extension import ClassMeans, SharedHead
+from strategies.extension import ClassMeans, MentorMentee, MutualLearning, SharedHead
 from strategies.fedproto import FD, FedProto
 from strategies.lgfedavg import LGFedAvg
+from strategies.shared_model import FML, FedKD
 
 
 @pytest.fixture(autouse=True)
@@ -90,8 +92,8 @@ class Tiny(nn.Module):
         self.add_module(head_name, nn.Linear(4, 2))
 
 
-def message(**records: dict) -> Message:
-    content = RecordDict({p.CONFIG: ConfigRecord()})
+def message(config: dict | None = None, **records: dict) -> Message:
+    content = RecordDict({p.CONFIG: ConfigRecord(config or {})})
     for key, value in records.items():
         content[key] = p.to_record(value)
     return Message(content, dst_node_id=1, message_type="train")
@@ -115,7 +117,7 @@ def test_prototypes_pull_features_to_their_class_and_are_class_means():
     ext.begin(message(protos=protos([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], [5, 0, 5])), Tiny())
     features = torch.zeros(3, 2, requires_grad=True)
     labels = torch.tensor([0, 1, 2])
-    loss = ext.loss(features, torch.zeros(3, 3), labels)
+    loss = ext.loss(features, torch.zeros(3, 3), labels, None)
     loss.backward()
     # class 1 has no global prototype: no pull; classes 0 and 2 pulled towards theirs
     assert torch.equal(features.grad[1], torch.zeros(2))
@@ -129,7 +131,9 @@ def test_prototypes_pull_features_to_their_class_and_are_class_means():
     out = p.from_record(ext.end(message(), Tiny(), embed)[p.PROTOS])
     assert np.allclose(out["means"], [[2.0, 1.0], [0.0, 0.0], [0.0, 4.0]])
     assert np.allclose(out["counts"], [2, 0, 1])
-    assert ClassMeans(3).loss(features, torch.zeros(3, 3), labels) is None  # no prototypes yet
+    assert (
+        ClassMeans(3).loss(features, torch.zeros(3, 3), labels, None) is None
+    )  # no prototypes yet
 
 
 def test_fd_pulls_logits_not_features_and_sends_mean_logits():
@@ -137,7 +141,7 @@ def test_fd_pulls_logits_not_features_and_sends_mean_logits():
     ext.begin(message(logits=protos([[2.0, 0.0], [0.0, 2.0]], [3, 3])), Tiny())
     features = torch.zeros(2, 5, requires_grad=True)  # any width: FD does not read them
     logits = torch.zeros(2, 2, requires_grad=True)
-    ext.loss(features, logits, torch.tensor([0, 1])).backward()
+    ext.loss(features, logits, torch.tensor([0, 1]), None).backward()
     assert features.grad is None and logits.grad[0, 0] < 0 and logits.grad[1, 1] < 0
 
     def embed():
@@ -211,3 +215,192 @@ def test_fd_runs_by_name():
     assert train_messages(grid, p.LOGITS) == [False, False, True, True]
     assert out["strategy"].means.shape == (4, 4)
     assert isinstance(out["strategy"], FD)
+
+
+def shared_state(value: float, width: int = 4) -> dict:
+    return {"w": np.full((3, width), value, np.float32), "b": np.full(3, value, np.float32)}
+
+
+def test_fml_averages_the_shared_model_by_examples_and_drops_another_architecture():
+    strategy = FML()
+    replies = [
+        reply("a", "cnn", 30, **{p.SHARED_MODEL: shared_state(1.0)}),
+        reply("b", "resnet", 10, **{p.SHARED_MODEL: shared_state(5.0)}),
+    ]
+    for r in replies:
+        strategy.validate(1, r)
+    strategy.absorb(1, replies)
+    assert np.allclose(strategy.shared["w"], 2.0) and np.allclose(strategy.shared["b"], 2.0)
+    sent = p.from_record(
+        strategy.train_records(2, {7: p.ClientIdentity("a", "cnn")})[7][p.SHARED_MODEL]
+    )
+    assert np.allclose(sent["w"], 2.0)
+    with pytest.raises(PacketError, match="other entries or shapes than the federation's"):
+        strategy.validate(2, reply("c", "bert", 1, **{p.SHARED_MODEL: shared_state(1.0, 8)}))
+    first = FML()
+    odd = [replies[0], reply("c", "bert", 1, **{p.SHARED_MODEL: shared_state(1.0, 8)})]
+    for r in odd:
+        first.validate(1, r)
+    with pytest.raises(ValueError, match="FML needs one shared architecture"):
+        first.absorb(1, odd)
+
+
+def test_compression_keeps_the_energy_share_and_recovers_the_truncated_matrix():
+    gen = np.random.default_rng(0)
+    low = gen.normal(size=(40, 3)) @ gen.normal(size=(3, 60))  # rank 3
+    state = {
+        "low": (low + 1e-3 * gen.normal(size=low.shape)).astype(np.float32),
+        "conv": gen.normal(size=(8, 2, 3, 3)).astype(np.float32),  # full rank: sent as it is
+        "bias": np.ones(5, np.float32),
+    }
+    packed = p.compress_state(state, energy=0.99)
+    assert packed["low@a"].shape == (40, 3) and packed["low@b"].shape == (3, 60)
+    assert np.array_equal(packed["conv"], state["conv"]) and "bias" in packed
+    back = p.recover_state(packed)
+    assert np.abs(back["low"] - low).max() < 0.05 and back["conv"].shape == (8, 2, 3, 3)
+    assert sum(v.size for v in packed.values()) < sum(v.size for v in state.values()) / 4
+    with pytest.raises(PacketError, match="factors without their pair"):
+        p.recover_state({"x@b": np.ones((2, 2), np.float32)})
+    with pytest.raises(PacketError, match="mismatched shapes"):
+        p.recover_state({"x@a": np.ones((4, 2), np.float32), "x@b": np.ones((3, 5), np.float32)})
+
+
+def test_fedkd_averages_uniformly_and_sends_factors_with_a_rising_energy():
+    strategy = FedKD(t_start=0.5, t_end=0.9)
+    strategy.last_round = 5
+    gen = np.random.default_rng(1)
+
+    def mentee(scale: float) -> dict:
+        return p.compress_state({"w": scale * gen.normal(size=(30, 20)).astype(np.float32)}, 1.0)
+
+    replies = [
+        reply("a", "cnn", 1000, **{p.SHARED_MODEL: mentee(1.0)}),
+        reply("b", "r", 1, **{p.SHARED_MODEL: mentee(1.0)}),
+    ]
+    for r in replies:
+        strategy.validate(1, r)
+    strategy.absorb(1, replies)
+    mean = (replies[0].extras["shared"]["w"] + replies[1].extras["shared"]["w"]) / 2
+    assert np.allclose(strategy.shared["w"], mean, atol=1e-5)  # uniform, not by examples
+    assert strategy.energy(1) == 0.5 and strategy.train_config(5)[p.ENERGY] == pytest.approx(0.82)
+    ranks = [
+        p.from_record(
+            strategy.train_records(t, {7: p.ClientIdentity("a", "cnn")})[7][p.SHARED_MODEL]
+        )["w@a"].shape[1]
+        for t in (1, 5)
+    ]
+    assert ranks[0] < ranks[1] < 20
+
+
+class Pair(nn.Module):
+    """A model whose head ``fc`` reads 3 features."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(2, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.body(x)))
+
+
+def batch_forward(x: torch.Tensor):
+    from simulations.tasks import HEAD_INPUT, head_inputs
+
+    def forward(other: nn.Module, head: str):
+        with head_inputs(other, head):
+            logits = other(x)
+            return getattr(other, HEAD_INPUT), logits
+
+    return forward
+
+
+def test_mutual_learning_trains_the_shared_model_from_labels_and_the_other_model():
+    x, labels = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    own, shared = Pair(0), Pair(1)
+    ext = MutualLearning(shared, "fc", alpha=0.5, beta=0.5)
+    logits = own(x)
+    loss = ext.loss(None, logits, labels, batch_forward(x))
+    loss.backward()
+    assert shared.fc.weight.grad is not None and own.fc.weight.grad is not None
+    # alpha = beta = 1: no distillation, the term is the shared model's cross-entropy alone
+    plain = MutualLearning(Pair(1), "fc", alpha=1.0, beta=1.0)
+    term = plain.loss(None, own(x), labels, batch_forward(x))
+    assert term.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(plain.shared(x), labels).item()
+    )
+    # the server's average is installed; another architecture is refused
+    sent = p.from_record(ext.end(message(), own, lambda: [])[p.SHARED_MODEL])
+    assert set(sent) == {"body.weight", "body.bias", "fc.weight", "fc.bias"}
+    zeros = {k: np.zeros_like(v) for k, v in sent.items()}
+    ext.begin(message(**{p.SHARED_MODEL: zeros}), own)
+    assert not shared.fc.weight.detach().any()
+    with pytest.raises(PacketError, match="does not fit this client's"):
+        ext.begin(message(**{p.SHARED_MODEL: {"fc.weight": np.zeros((2, 3), np.float32)}}), own)
+
+
+def test_mentor_mentee_adapts_its_weights_projects_features_and_sends_factors():
+    x, labels = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    own, mentee = Pair(0), Pair(1)
+    ext = MentorMentee(mentee, "fc", own_width=3, mentee_width=3)
+    assert set(ext.modules()) == {"shared", "projection"}
+    with pytest.raises(PacketError, match="svd-energy"):
+        ext.begin(message({p.ENERGY: 1.5}), own)
+    ext.begin(message({p.ENERGY: 0.9}), own)
+    forward = batch_forward(x)
+    features, logits = forward(own, "fc")
+    loss = ext.loss(features, logits, labels, forward)
+    loss.backward()
+    assert ext.projection.weight.grad is not None and mentee.body.weight.grad is not None
+    assert own.body.weight.grad is not None  # the hidden loss reaches the mentor's features
+    sent = p.from_record(ext.end(message(), own, lambda: [])[p.SHARED_MODEL])
+    assert set(p.recover_state(sent)) == {"body.weight", "body.bias", "fc.weight", "fc.bias"}
+
+
+def test_fml_and_fedkd_run_by_name_and_keep_the_shared_model_between_rounds():
+    for name, kind in (("fml", FML), ("fedkd", FedKD)):
+        grid, out = run_by_name(name, rounds=3)
+        assert isinstance(out["strategy"], kind)
+        assert train_messages(grid, p.SHARED_MODEL) == [False, False, True, True, True, True]
+        assert out["strategy"].shared["fc.weight"].shape == (4, 512)  # the first group's cnn4
+        energies = [
+            m.content.config_records[p.CONFIG].get(p.ENERGY)
+            for m in grid.sent
+            if m.metadata.message_type == "train"
+        ]
+        assert energies == ([None] * 6 if name == "fml" else [0.95] * 2 + [0.96] * 2 + [0.97] * 2)
+
+
+def test_methods_with_a_shared_model_need_one_class_count_and_its_task():
+    found = problems(compose("federation=tiny strategy=fml"))
+    assert any("strategy fml shares a shared model" in f and "same class count" in f for f in found)
+    found = problems(compose("federation=tiny_htfe strategy=fedkd strategy.model=bert_tiny"))
+    assert any("the shared model 'bert_tiny' solves text_classification" in f for f in found)
+    assert problems(compose("federation=htfe2 strategy=fml")) == []
+
+
+def test_a_client_keeps_what_its_method_trains_beside_its_model_in_its_context():
+    cfg = compose(
+        "federation=tiny_htfe strategy=fedkd federation.examples_per_client=32 local_steps=1"
+    )
+    app = make_client_app(lambda context: cfg)
+    context = Context(
+        run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
+
+    def train(server_round: int) -> Message:
+        config = {p.ROUND: server_round, p.SEND_PACKET: False, p.SHARE: "none", p.ENERGY: 0.95}
+        return app(message(config), context)
+
+    assert not train(1).has_error()
+    key = "mergenet.extension.projection"
+    kept = context.state.array_records[key].to_torch_state_dict()
+    assert "mergenet.extension.shared" in context.state.array_records
+    fresh = cfg.build_extension(nn.Linear(512, 4), "", 4).modules()["projection"].weight
+    assert not torch.equal(kept["weight"], fresh)  # round 1 trained it
+    # the projection is never sent: round 2 must go on from the node's own (zeroed here)
+    context.state.array_records[key] = ArrayRecord({"weight": torch.zeros_like(fresh)})
+    assert not train(2).has_error()
+    after = context.state.array_records[key].to_torch_state_dict()["weight"]
+    assert 0 < after.norm() < 0.1 * fresh.norm()

@@ -11,20 +11,37 @@ from torch import nn
 
 from simulations.models import ARCHITECTURES, build_model
 
-IMAGE_ARCHS = ["resnet18", "resnet8", "mobilenet_v2", "mobilenet_v2_small"]
-TEXT_ARCHS = ["bert_tiny", "bert_small"]
+IMAGE_ARCHS = [
+    "resnet18",
+    "resnet8",
+    "resnet8_f512",
+    "convnet5",
+    "convnet6",
+    "mobilenet_v2",
+    "mobilenet_v2_small",
+]
+TEXT_ARCHS = ["fasttext", "textcnn", "bert_tiny", "bert_tiny4", "bert_small"]
 
 # Expected transfer layers: module name -> (in_features, out_features), num_classes = 5.
 EXPECTED_LAYERS = {
     "cnn4": {"fc": (512, 5)},
     "resnet18": {"fc": (512, 5)},
     "resnet8": {"fc": (64, 5)},
+    "resnet8_f512": {"fc": (512, 5)},
+    "convnet5": {"fc": (512, 5)},
+    "convnet6": {"fc": (512, 5)},
     "mobilenet_v2": {"classifier.1": (1280, 5)},
     "mobilenet_v2_small": {"classifier.1": (1280, 5)},
     "bert_tiny": {
         "classifier": (128, 5),
         "bert.encoder.layer.0.attention.self.value": (128, 128),
         "bert.encoder.layer.1.attention.self.value": (128, 128),
+    },
+    "fasttext": {"fc": (128, 5)},
+    "textcnn": {"fc": (128, 5)},
+    "bert_tiny4": {
+        "classifier": (128, 5),
+        **{f"bert.encoder.layer.{i}.attention.self.value": (128, 128) for i in range(4)},
     },
     "bert_small": {
         "classifier": (256, 5),
