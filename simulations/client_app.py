@@ -97,11 +97,11 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             saved = mc.load_model_file(str(state_dir), client_id, server_round - 1, work.model)
             if saved:
                 work.train_state = _decode_train_state(saved)
-        extension = cfg.build_extension(work.model, work.head, work.data.num_classes)
+        extension = cfg.build_extension(work.model, work.head, work.data.num_classes, work.layers)
         for name, module in extension.modules().items():  # kept from the node's last round
             mc.load_local_model(context, module, key=f"{EXTENSION_KEY}.{name}")
         start = time.perf_counter()
-        installed = mc.receive(msg, work.model, work.layers, rank=cfg.rank)
+        mc.load_group(msg, work.model)
         extension.begin(msg, work.model)
         overhead = time.perf_counter() - start
         partition_id = int(context.node_config["partition-id"])
@@ -120,6 +120,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             extension=extension if extension.adds_loss else None,
             head=work.head,
         )
+        work.model.cpu()  # factors and replies are built on the CPU
+        start = time.perf_counter()
         records = extension.end(
             msg,
             work.model,
@@ -131,7 +133,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
                 device=resolve_device(cfg.device),
             ),
         )
-        work.model.cpu()  # factors and replies are built on the CPU
+        overhead += time.perf_counter() - start
+        work.model.cpu()  # where embedding left it
         save(context, work)
         for name, module in extension.modules().items():
             mc.save_local_model(context, module.cpu(), key=f"{EXTENSION_KEY}.{name}")
@@ -145,15 +148,14 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             mc.MERGENET_SECONDS: overhead,
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
         }
-        return mc.reply(
+        return mc.answer(
             msg,
             work.model,
             work.layers,
             work.identity,
-            installed,
             metrics,
-            rank=cfg.rank,
-            extra=records,
+            records=records,
+            manifest=extension.manifest,
         )
 
     @app.evaluate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig
+from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig, SelectedLayer
 from simulations.models import ARCHITECTURES, build_model
 from simulations.tasks import resolve_device
 from strategies import (
@@ -37,6 +38,7 @@ from strategies.extension import (
     ClassMeans,
     ClientExtension,
     MentorMentee,
+    MergeNetClient,
     MutualLearning,
     SharedHead,
 )
@@ -195,9 +197,18 @@ class ExperimentConfig:
         """FML's shared model, FedKD's mentee: ``strategy.model``, else the first group's."""
         return self.strategy.get("model") or self.clients[0].arch
 
-    def build_extension(self, model: nn.Module, head: str, num_classes: int) -> ClientExtension:
-        """The strategy's client side for a client whose ``model``'s head is module ``head``."""
+    def build_extension(
+        self,
+        model: nn.Module,
+        head: str,
+        num_classes: int,
+        layers: Sequence[SelectedLayer] = (),
+    ) -> ClientExtension:
+        """The strategy's client side for a client whose ``model``'s head is module ``head``
+        (``layers``: its transfer layers)."""
         name = self.strategy["name"]
+        if name == "mergenet":
+            return MergeNetClient(layers, self.rank)
         if name == "lgfedavg":
             return SharedHead(head)
         if name in ("fedproto", "fd"):
@@ -212,7 +223,7 @@ class ExperimentConfig:
                 return MutualLearning(shared, shared_head, float(alpha), float(beta))
             widths = (model.get_submodule(head).in_features, shared.get_submodule(shared_head))
             return MentorMentee(shared, shared_head, widths[0], widths[1].in_features, self.seed)
-        return ClientExtension()  # MergeNet's steps are the protocol's receive and reply
+        return ClientExtension()
 
 
 def compose(overrides: list[str] | str = ()) -> ExperimentConfig:

@@ -117,11 +117,19 @@ def receive(
     msg: Message, model: nn.Module, layers: Sequence[SelectedLayer], *, rank: int
 ) -> dict[str, InstalledLayer]:
     """Load the federation's initial arrays (the first time, where they fit this model), the
-    group's averaged parameters, and install merged factors from a train message.
+    group's averaged parameters, and install merged factors from a train message
+    (:func:`load_group`, then :func:`install_factors`).
 
     Returns what :func:`reply` needs to compute the gradient pieces. Raises
     :class:`~mergenet_fl.PacketError` naming the problem if the message is malformed.
     """
+    load_group(msg, model)
+    return install_factors(msg, model, layers, rank=rank)
+
+
+def load_group(msg: Message, model: nn.Module) -> None:
+    """Every method's part of a train message: the federation's initial arrays (where they fit)
+    and the group's averaged parameters."""
     content = msg.content
     if p.INITIAL in content.array_records:  # the federation's starting point, if it fits
         initial = p.from_record(content.array_records[p.INITIAL])
@@ -136,6 +144,14 @@ def receive(
         if bad:
             raise PacketError(f"group arrays do not fit this model: {bad[:5]}")
         model.load_state_dict(group, strict=False)
+
+
+def install_factors(
+    msg: Message, model: nn.Module, layers: Sequence[SelectedLayer], *, rank: int
+) -> dict[str, InstalledLayer]:
+    """MergeNet's part of a train message: install ``W + A'B' − AB`` with the merged factors
+    ``A'B'`` and the own factors ``AB`` they replace (nothing when none came)."""
+    content = msg.content
     if p.MERGED not in content.array_records:
         return {}
     if p.OWN not in content.array_records:
@@ -156,6 +172,27 @@ def receive(
     return install_merged(model, layers, merged, rank, own=own)
 
 
+def knowledge_records(
+    msg: Message,
+    model: nn.Module,
+    layers: Sequence[SelectedLayer],
+    installed: Mapping[str, InstalledLayer],
+    *,
+    rank: int,
+) -> tuple[dict[str, ArrayRecord], str]:
+    """MergeNet's part of a train reply: the packet when the server asked for one, and the
+    gradient pieces of the installed layers; with the packet's manifest ("" without one)."""
+    config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
+    records: dict[str, ArrayRecord] = {}
+    manifest = ""
+    if config.get(p.SEND_PACKET, False):
+        arrays, manifest = export_packet(model, layers, rank).to_wire()
+        records[p.PACKET] = p.to_record(arrays)
+    if installed:
+        records[p.PIECES] = p.to_record(encode_factors(gradient_pieces(model, layers, installed)))
+    return records, manifest
+
+
 def reply(
     msg: Message,
     model: nn.Module,
@@ -173,17 +210,39 @@ def reply(
     The time spent here is added to ``metrics["mergenet_seconds"]`` (pass the time of
     :func:`receive` there to report MergeNet's whole client-side overhead).
     """
+    start = time.perf_counter()
+    records, manifest = knowledge_records(msg, model, layers, installed, rank=rank)
+    seconds = float(metrics.get(MERGENET_SECONDS, 0.0)) + time.perf_counter() - start
+    return answer(
+        msg,
+        model,
+        layers,
+        identity,
+        {**metrics, MERGENET_SECONDS: seconds},
+        records={**(extra or {}), **records},
+        manifest=manifest,
+    )
+
+
+def answer(
+    msg: Message,
+    model: nn.Module,
+    layers: Sequence[SelectedLayer],
+    identity: p.ClientIdentity,
+    metrics: Mapping[str, float],
+    *,
+    records: Mapping[str, ArrayRecord],
+    manifest: str = "",
+) -> Message:
+    """Every method's train reply: a method's ``records`` (and packet ``manifest``), the
+    parameters the client shares with its group (``layers``: the transfer layers, kept
+    personal with ``share=unselected``), its identity and ``metrics`` (which must include
+    ``num-examples``; the time spent here is added to ``mergenet_seconds``)."""
     if p.NUM_EXAMPLES not in metrics:
         raise ValueError(f"metrics must include {p.NUM_EXAMPLES!r}")
     start = time.perf_counter()
     config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
-    content = RecordDict(dict(extra or {}))
-    manifest = ""
-    if config.get(p.SEND_PACKET, False):
-        arrays, manifest = export_packet(model, layers, rank).to_wire()
-        content[p.PACKET] = p.to_record(arrays)
-    if installed:
-        content[p.PIECES] = p.to_record(encode_factors(gradient_pieces(model, layers, installed)))
+    content = RecordDict(dict(records))
     shared = shared_state(model, layers, str(config.get(p.SHARE, "none")))
     if shared:
         content[p.SHARED] = ArrayRecord(shared)

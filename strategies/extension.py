@@ -15,7 +15,7 @@ client's training set under the trained model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message
 from torch import nn
 
-from mergenet_fl import PacketError
+from mergenet_fl import InstalledLayer, PacketError, SelectedLayer
+from strategies import client as mc
 from strategies import protocol as p
 
 Embed = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -33,10 +34,11 @@ Forward = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClientExtension:
-    """Adds nothing: LocalOnly, GroupFedAvg and MergeNet (whose steps are the protocol's
-    :func:`~strategies.client.receive` and :func:`~strategies.client.reply`)."""
+    """Adds nothing: LocalOnly and GroupFedAvg (the group's averaged parameters, which every
+    method may use, are the protocol's: :func:`~strategies.client.load_group`)."""
 
     adds_loss = False  # whether :meth:`loss` adds a term (it then reads the head's input)
+    manifest = ""  # the manifest of a knowledge packet in :meth:`end`'s records (MergeNet)
 
     def modules(self) -> dict[str, nn.Module]:
         """Models the method trains beside the client's own (their parameters join its
@@ -59,6 +61,27 @@ class ClientExtension:
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
         """Records to add to the train reply."""
         return {}
+
+
+class MergeNetClient(ClientExtension):
+    """MergeNet's client: before training it installs ``W + A'B' − AB`` in its transfer
+    ``layers`` with the server's merged factors; after, it sends its knowledge packet (rank
+    ``rank``) when the server asks for one, and the gradient pieces of what it installed
+    (:func:`~strategies.client.install_factors`, :func:`~strategies.client.knowledge_records`:
+    the steps :func:`~strategies.client.receive` and :func:`~strategies.client.reply` take)."""
+
+    def __init__(self, layers: Sequence[SelectedLayer], rank: int) -> None:
+        self.layers, self.rank = layers, rank
+        self.installed: dict[str, InstalledLayer] = {}
+
+    def begin(self, msg: Message, model: nn.Module) -> None:
+        self.installed = mc.install_factors(msg, model, self.layers, rank=self.rank)
+
+    def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
+        records, self.manifest = mc.knowledge_records(
+            msg, model, self.layers, self.installed, rank=self.rank
+        )
+        return records
 
 
 class SharedHead(ClientExtension):

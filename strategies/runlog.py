@@ -199,17 +199,37 @@ def score_table(
     curves: dict[str, dict[int, float]],
     chance: dict[str, float],
 ) -> list[str]:
-    """The final score of each evaluated group with its chance level beside it."""
-    rows = ["| group | clients | score | final | chance | loss |", "|---|---:|---|---:|---:|---:|"]
-    for group, members in sorted(_last_evaluations(lines).items()):
+    """The final score of each evaluated group with its chance level beside it (and, where
+    clients were scored on their local test, the global test's in two more columns)."""
+    evaluations = sorted(_last_evaluations(lines).items())
+    both = any(f"global_{k}" in m for _, ms in evaluations for m in ms.values() for k in SCORE_KEYS)
+    extra = " global | global chance |" if both else ""
+    rows = [
+        "| group | clients | score | final | chance | loss |" + extra,
+        "|---|---:|---|---:|---:|---:|" + ("---:|---:|" if both else ""),
+    ]
+    for group, members in evaluations:
         first = next(iter(members.values()))
         key = next((k for k in SCORE_KEYS if k in first), "n/a")
         final = f"{list(curves[group].values())[-1]:.4f}" if curves.get(group) else "n/a"
         level = f"{chance[group]:.4f}" if group in chance else "n/a"
         losses = [m["loss"] for m in members.values() if "loss" in m]
         loss = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
-        rows.append(f"| {group} | {len(members)} | {key} | {final} | {level} | {loss} |")
+        row = f"| {group} | {len(members)} | {key} | {final} | {level} | {loss} |"
+        if both:
+            row += "".join(f" {_weighted_mean(members, f'global_{k}')} |" for k in (key, "chance"))
+        rows.append(row)
     return rows + [""]
+
+
+def _weighted_mean(members: dict[str, dict[str, Any]], metric: str) -> str:
+    """``metric`` over a group's last evaluations, weighted by their examples ("n/a": none)."""
+    pairs = [
+        (m[metric], max(m.get("num-examples", 1.0), 1.0)) for m in members.values() if metric in m
+    ]
+    if not pairs:
+        return "n/a"
+    return f"{sum(v * n for v, n in pairs) / sum(n for _, n in pairs):.4f}"
 
 
 def missing_groups(lines: list[dict[str, Any]], groups: Sequence[str]) -> list[str]:

@@ -135,7 +135,11 @@ def test_local_test_rows_follow_each_clients_label_mix():
         train = np.bincount(work.train_set.labels.numpy(), minlength=4) / len(work.train_set)
         test = np.bincount(work.eval_set.labels.numpy(), minlength=4) / len(work.eval_set)
         assert len(work.eval_set) == 128 and np.abs(train - test).max() <= 0.01
-        assert torch.equal(work.train_set.images, build_workload(uniform, pid).train_set.images)
+        other = build_workload(uniform, pid)
+        assert torch.equal(work.train_set.images, other.train_set.images)
+        # the global test beside: the uniform rows eval_split=test scores
+        assert torch.equal(work.data.global_set.images, other.eval_set.images)
+        assert other.data.global_set is None
         shares.append(test)
     assert np.abs(shares[0] - shares[1]).max() > 0.2  # label skew shows in the test rows too
     flat = np.bincount(build_workload(uniform, 0).eval_set.labels.numpy(), minlength=4) / 128

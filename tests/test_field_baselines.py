@@ -2,6 +2,8 @@
 head), FedProto (class prototypes), FD (class mean logits), FML (a shared model, mutual
 learning) and FedKD (a shared mentee, SVD-compressed), server and client sides."""
 
+from copy import deepcopy
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,18 @@ from harness import FakeGrid, app_nodes, set_task_identity
 from mergenet_fl import PacketError
 from simulations.client_app import make_client_app
 from simulations.config import compose
+from simulations.federation import build_workload
 from simulations.preflight import problems
+from strategies import client as mc
 from strategies import protocol as p
 from strategies.base import ClientReply
-from strategies.extension import ClassMeans, MentorMentee, MutualLearning, SharedHead
+from strategies.extension import (
+    ClassMeans,
+    MentorMentee,
+    MergeNetClient,
+    MutualLearning,
+    SharedHead,
+)
 from strategies.fedproto import FD, FedProto
 from strategies.lgfedavg import LGFedAvg
 from strategies.shared_model import FML, FedKD
@@ -404,3 +414,48 @@ def test_a_client_keeps_what_its_method_trains_beside_its_model_in_its_context()
     assert not train(2).has_error()
     after = context.state.array_records[key].to_torch_state_dict()["weight"]
     assert 0 < after.norm() < 0.1 * fresh.norm()
+
+
+def test_mergenets_client_steps_on_the_hook_reply_as_the_protocols_receive_and_reply():
+    grid, _ = run_by_name("mergenet", rounds=2)
+    msg = next(
+        m
+        for m in grid.sent
+        if m.metadata.message_type == "train" and p.MERGED in m.content.array_records
+    )
+    cfg = compose("federation=tiny_htfe strategy=mergenet federation.examples_per_client=64")
+    work = build_workload(cfg, msg.metadata.dst_node_id % cfg.num_clients)
+    identity, metrics = work.identity, {p.NUM_EXAMPLES: 64.0}
+    on_protocol, on_hook = deepcopy(work.model), deepcopy(work.model)
+
+    installed = mc.receive(msg, on_protocol, work.layers, rank=cfg.rank)
+    expected = mc.reply(msg, on_protocol, work.layers, identity, installed, metrics, rank=cfg.rank)
+
+    ext = cfg.build_extension(on_hook, work.head, 4, work.layers)
+    assert isinstance(ext, MergeNetClient)
+    mc.load_group(msg, on_hook)
+    ext.begin(msg, on_hook)
+    assert set(ext.installed) == set(installed) != set()
+    records = ext.end(msg, on_hook, lambda: [])
+    got = mc.answer(
+        msg, on_hook, work.layers, identity, metrics, records=records, manifest=ext.manifest
+    )
+    assert set(got.content.array_records) == set(expected.content.array_records)
+    for key in expected.content.array_records:
+        want, have = (p.from_record(m.content.array_records[key]) for m in (expected, got))
+        assert all(np.array_equal(want[k], have[k]) for k in want), key
+    assert got.content.config_records[p.IDENTITY] == expected.content.config_records[p.IDENTITY]
+
+
+def test_a_client_scored_on_its_local_test_reports_the_global_test_beside_it():
+    for split, expected in (("local", True), ("test", False)):
+        cfg = compose(f"federation=tiny_htfe eval_split={split} federation.test_examples=32")
+        app = make_client_app(lambda context, cfg=cfg: cfg)
+        context = Context(
+            run_id=1, node_id=0, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+        )
+        content = RecordDict({p.CONFIG: ConfigRecord({p.ROUND: 1})})
+        out = app(Message(content, dst_node_id=0, message_type="evaluate"), context)
+        metrics = out.content.metric_records[p.METRICS]
+        assert ("global_accuracy" in metrics and "global_chance" in metrics) is expected
+        assert "accuracy" in metrics and "chance" in metrics

@@ -20,11 +20,13 @@ def fake_run(
     variant="lpka",
     qa=None,
     chance=None,
+    on_global=None,
     **top,
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
-    (f1, em)) with the given accuracy per round and, if given, ``r8``'s chance level; ``top``
-    sets top-level config keys, and ``lr`` and ``optimizer`` the strategy's."""
+    (f1, em)) with the given accuracy per round and, if given, ``r8``'s chance level and its
+    (accuracy, chance) on the global test (``on_global``, every round); ``top`` sets top-level
+    config keys, and ``lr`` and ``optimizer`` the strategy's."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -50,7 +52,11 @@ def fake_run(
             "optimizer": top.pop("optimizer", "adam"),
         },
         "adapter": {"variant": variant},
-        "federation": {"clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:]},
+        "federation": {
+            "clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:],
+            "examples_per_client": 100,
+            "alpha": 0.1,
+        },
         **top,
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
@@ -80,6 +86,11 @@ def fake_run(
                     "accuracy": score,
                     "loss": 1.0,
                     **({} if chance is None else {"chance": chance}),
+                    **(
+                        {}
+                        if on_global is None
+                        else {"global_accuracy": on_global[0], "global_chance": on_global[1]}
+                    ),
                 }
             )
         if qa:
@@ -244,3 +255,56 @@ def test_each_group_has_a_figure_with_every_methods_mean_curve_and_chance(tmp_pa
     }
     assert list(method_curves(table, "qa")) == ["LocalOnly", "MergeNet (lpka)"]
     assert table.chance("r8") == pytest.approx(0.15) and table.chance("qa") is None
+
+
+def test_benchmark_report_shows_both_test_splits_and_ranks_the_fields_methods(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # strategy -> final local accuracy (seeds 0, 1); the global test scores 0.3
+        "local": (0.60, 0.62),
+        "fedkd": (0.70, 0.72),
+        "fd": (0.66, 0.68),
+        "fml": (0.64, 0.66),
+        "lgfedavg": (0.62, 0.64),
+        "fedproto": (0.58, 0.60),
+        "mergenet": (0.69, 0.69),
+    }
+    for strategy, scores in finals.items():
+        for seed, score in enumerate(scores):
+            fake_run(
+                study,
+                f"{strategy}{seed}",
+                strategy,
+                seed,
+                [0.1, score],
+                share="none",
+                chance=0.5,
+                on_global=(0.3, 0.1),
+                eval_split="local",
+                num_rounds=2,
+                local_steps=4,
+                batch_size=32,
+            )
+    text = report_text(study, tmp_path / "benchmark.md")
+    assert "r8 (accuracy / global_accuracy)" in text
+    assert "| FedKD | 2 | 71.0 ± 1.4 / 30.0 ± 0.0 |" in text
+    assert (
+        "| chance (always the most frequent label; QA: always 'no answer') | | 50.0 / 10.0 |"
+        in text
+    )
+    assert "second number of a cell (`global_…`)" in text
+    ranked = re.findall(r"^- (.+): ([+-]\d+\.\d)$", text, flags=re.M)
+    assert ranked[:3] == [
+        ("FedKD", "+10.0"),
+        ("MergeNet (lpka, transfer only)", "+8.0"),
+        ("FD", "+6.0"),
+    ]
+    assert (
+        "| MergeNet (lpka, transfer only) ≥ the best baseline (FedKD) | +8.0 vs +10.0 | **no** |"
+        in text
+    )
+    assert (
+        "FedKD > FD > FML > LG-FedAvg > FedProto) | FedKD > FD > FML > LG-FedAvg > FedProto | yes |"
+        in text
+    )
+    assert "How far this is from HtFLlib's regime: here 2 clients" in text
+    assert "100 training examples each (Dirichlet 0.1), 2 rounds of 4 batches of 32" in text

@@ -72,6 +72,19 @@ def test_summary_shows_chance_beside_the_final_score(tmp_path):
     assert (tmp_path / "bytes.png").stat().st_size > 0
 
 
+def test_clients_scored_on_their_local_test_show_the_global_test_beside_it(tmp_path):
+    on_global = {"global_accuracy": 0.2, "global_chance": 0.1}
+    lines = [
+        train("a", "cnn", [30, 10]),
+        train("b", "cnn", [10, 30]),
+        evaluation("a", "cnn", 0.8, chance=0.75) | on_global,
+        evaluation("b", "cnn", 0.7, chance=0.75, n=300) | on_global | {"global_accuracy": 0.4},
+    ]
+    text = summary(tmp_path, lines, ["cnn"])
+    assert "| group | clients | score | final | chance | loss | global | global chance |" in text
+    assert "| cnn | 2 | accuracy | 0.7250 | 0.7500 | 1.0000 | 0.3500 | 0.1000 |" in text
+
+
 def test_chance_is_example_weighted_over_a_groups_clients_at_its_last_evaluation():
     lines = [
         evaluation("a", "cnn", 0.6, chance=0.9, rnd=1),
