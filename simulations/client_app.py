@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +62,17 @@ def _encode_train_state(state: TrainState) -> dict[str, Any]:
 def _decode_train_state(values: dict[str, Any]) -> TrainState:
     optimizer = torch.load(io.BytesIO(values["optimizer"]), weights_only=True)
     return TrainState(int(values["epoch"]), int(values["batch"]), optimizer)
+
+
+def embed(cfg: ExperimentConfig, work: Workload) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``(features, logits, labels)`` of the client's training set under its model in eval
+    mode, with BatchNorm re-estimated on that set first, as for evaluation: a few local steps
+    leave the running statistics off the weights' scale, and class means of such features or
+    logits would pull every client off scale (FD diverged to non-finite logits so)."""
+    device = resolve_device(cfg.device)
+    batch = cfg.batch_size * 2
+    model = calibrated_batchnorm(work.model, work.train_set, batch, device)
+    return work.task.embed(model, work.train_set, work.head, batch_size=batch, device=device)
 
 
 def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> ClientApp:
@@ -122,17 +133,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         )
         work.model.cpu()  # factors and replies are built on the CPU
         start = time.perf_counter()
-        records = extension.end(
-            msg,
-            work.model,
-            lambda: work.task.embed(
-                work.model,
-                work.train_set,
-                work.head,
-                batch_size=cfg.batch_size * 2,
-                device=resolve_device(cfg.device),
-            ),
-        )
+        records = extension.end(msg, work.model, lambda: embed(cfg, work))
         overhead += time.perf_counter() - start
         work.model.cpu()  # where embedding left it
         save(context, work)

@@ -499,12 +499,13 @@ class _ClassificationTask(_SupervisedTask):
         self, model: nn.Module, dataset: Dataset, head: str, *, batch_size: int, device: Device
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(features: (B, d), logits: (B, C), labels: (B,))`` of ``dataset`` under ``model``
-        in eval mode; the features are the input of the module ``head``."""
+        in eval mode; the features are the input of the module ``head``. A training set's
+        augmentation draws are seeded, so that the same model gives the same embedding."""
         dev = torch.device(device)
         was_training = model.training
         model.to(dev).eval()
         try:
-            with head_inputs(model, head):
+            with head_inputs(model, head), _seeded(0, dev):  # augmentation draws: reproducible
                 for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
                     logits, labels = self._logits_and_labels(model, batch, dev)
                     yield getattr(model, HEAD_INPUT), logits, labels

@@ -459,3 +459,21 @@ def test_a_client_scored_on_its_local_test_reports_the_global_test_beside_it():
         metrics = out.content.metric_records[p.METRICS]
         assert ("global_accuracy" in metrics and "global_chance" in metrics) is expected
         assert "accuracy" in metrics and "chance" in metrics
+
+
+def test_class_means_come_from_the_model_with_batchnorm_re_estimated_as_for_evaluation():
+    from simulations.client_app import embed
+    from simulations.tasks import calibrated_batchnorm
+
+    cfg = compose("federation=tiny_htfe strategy=fd federation.examples_per_client=64")
+    work = build_workload(cfg, 0)  # cnn4: BatchNorm
+    work.task.train(work.model, work.train_set, steps=2, batch_size=16, seed=0)
+    _, logits, _ = next(iter(embed(cfg, work)))
+    calibrated = calibrated_batchnorm(work.model, work.train_set, 64, torch.device("cpu"))
+    _, expected, _ = next(
+        iter(work.task.embed(calibrated, work.train_set, "fc", batch_size=64, device="cpu"))
+    )
+    _, stale, _ = next(
+        iter(work.task.embed(work.model, work.train_set, "fc", batch_size=64, device="cpu"))
+    )
+    assert torch.allclose(logits, expected) and not torch.allclose(logits, stale, atol=1e-3)
