@@ -16,7 +16,6 @@ by ``model.named_modules()``:
   HtFLlib-style image models that share one head shape (the benchmark's ``htfe4``).
 - ``fasttext``, ``textcnn``: head ``fc`` (128→C) after ``fc1`` (→128): cheap text models
   that share one head shape (the benchmark's ``htfe_text``).
-- ``bert_tiny4``: as ``bert_tiny`` with 4 layers.
 - ``bert_small``: head ``classifier`` (256→C); value projections
   ``bert.encoder.layer.{0,1,2,3}.attention.self.value`` (256→256).
 - ``distilbert_tiny_qa``: head ``qa_outputs`` (128→2); value projections
@@ -382,10 +381,6 @@ def _build_bert_tiny(num_classes: int) -> nn.Module:
     return _bert_classifier(num_classes, hidden=128, layers=2, heads=2)
 
 
-def _build_bert_tiny4(num_classes: int) -> nn.Module:
-    return _bert_classifier(num_classes, hidden=128, layers=4, heads=2)
-
-
 def _build_bert_small(num_classes: int) -> nn.Module:
     return _bert_classifier(num_classes, hidden=256, layers=4, heads=4)
 
@@ -445,14 +440,6 @@ ARCHITECTURES: MappingProxyType[str, ArchSpec] = MappingProxyType(
             # shallow models from scratch: AdamW at 5e-3, not the transformers' 5e-4
             ArchSpec("fasttext", "text_classification", "fc", (), False, _build_fasttext, 5e-3),
             ArchSpec("textcnn", "text_classification", "fc", (), False, _build_textcnn, 5e-3),
-            ArchSpec(  # bert_tiny's width, twice its depth: one head shape with it
-                "bert_tiny4",
-                "text_classification",
-                "classifier",
-                _value_layers("bert.encoder.layer.{i}.attention.self.value", 4),
-                True,
-                _build_bert_tiny4,
-            ),
             ArchSpec(
                 "bert_small",
                 "text_classification",

@@ -84,10 +84,11 @@ class FML(PeerStrategy):
             )
         weights = self.weights(replies)
         self.shared = {
-            k: sum(w * s[k].astype(np.float64) for w, s in zip(weights, states, strict=True))
+            k: np.average(np.stack([s[k] for s in states]), axis=0, weights=weights).astype(
+                np.float32
+            )
             for k in states[0]
         }
-        self.shared = {k: v.astype(np.float32) for k, v in self.shared.items()}
         return {"shared_models": len(states)}
 
     def state_dict(self) -> dict[str, Any]:

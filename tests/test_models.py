@@ -20,7 +20,7 @@ IMAGE_ARCHS = [
     "mobilenet_v2",
     "mobilenet_v2_small",
 ]
-TEXT_ARCHS = ["fasttext", "textcnn", "bert_tiny", "bert_tiny4", "bert_small"]
+TEXT_ARCHS = ["fasttext", "textcnn", "bert_tiny", "bert_small"]
 
 # Expected transfer layers: module name -> (in_features, out_features), num_classes = 5.
 EXPECTED_LAYERS = {
@@ -39,10 +39,6 @@ EXPECTED_LAYERS = {
     },
     "fasttext": {"fc": (128, 5)},
     "textcnn": {"fc": (128, 5)},
-    "bert_tiny4": {
-        "classifier": (128, 5),
-        **{f"bert.encoder.layer.{i}.attention.self.value": (128, 128) for i in range(4)},
-    },
     "bert_small": {
         "classifier": (256, 5),
         **{f"bert.encoder.layer.{i}.attention.self.value": (256, 256) for i in range(4)},
