@@ -13,6 +13,7 @@ from mergenet_fl.lowrank import (
     energy_rank,
     factorize,
     factorize_energy,
+    factorize_product,
     pad_rank,
     reconstruct,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "energy_rank",
     "factorize",
     "factorize_energy",
+    "factorize_product",
     "gradient_pieces",
     "install_merged",
     "pad_rank",

@@ -219,23 +219,21 @@ class Branch(nn.Module):
         self.o = WidthLinear(
             cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o", zero=cfg.identity_at_start
         )
-        self.pre_norm = cfg.identity_at_start  # the reference code normalises after, not before
-        self.source_norm = cfg.source_norm
         self.attention: torch.Tensor | None = None  # (N, L) when :attr:`capture` is on
         self.capture = False
 
     def forward(self, query: torch.Tensor, keys: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """``query: (N, Lq, w)``, key groups ``[(w_i, (L_i, w_i))]`` -> update ``(N, Lq, w)``.
+        """``query: (N, Lq, w)`` (normalised by the caller where the variant does), key groups
+        ``[(w_i, (L_i, w_i))]`` (likewise, see :func:`key_tokens`) -> update ``(N, Lq, w)``.
 
         With :attr:`capture` on, :attr:`attention` keeps each target's attention to every key
         token, averaged over heads and query tokens: ``(N, L)`` (a diagnostic; costs a second
         attention product).
         """
         n, lq, w = query.shape
-        q = self.q(F.layer_norm(query, (w,)) if self.pre_norm else query)
-        normed = [F.layer_norm(t, (wi,)) if self.source_norm else t for wi, t in keys]
-        k = torch.cat([self.k(t) for t in normed])
-        v = torch.cat([self.v(t) for t in normed])
+        q = self.q(query)
+        k = _cat([self.k(t) for _, t in keys])
+        v = _cat([self.v(t) for _, t in keys])
         h, d = self.heads, q.shape[-1] // self.heads
         # The keys are the same for every target of a batch: fold the batch into the queries.
         q = q.reshape(1, n * lq, h, d).transpose(1, 2)
@@ -247,6 +245,25 @@ class Branch(nn.Module):
             self.attention = weights.mean(dim=1).reshape(n, lq, -1).mean(dim=1)
         out = out.transpose(1, 2).reshape(n, lq, h * d)
         return self.o(out, w)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def key_tokens(
+    sources: SourceTokens, norm: bool
+) -> dict[tuple[str, str], list[tuple[int, torch.Tensor]]]:
+    """The sources' key token groups, each token LayerNorm-ed (without affine) when ``norm``.
+
+    Parameter-free, so one forward pass computes them once for every branch and KTL.
+    """
+    if not norm:
+        return sources.tokens
+    return {
+        key: [(w, F.layer_norm(t, (w,))) for w, t in groups]
+        for key, groups in sources.tokens.items()
+    }
 
 
 class FeedForward(nn.Module):
@@ -286,7 +303,6 @@ class TransferLayer(nn.Module):
         # post-norm after the attention (the reference code's); the identity design has none
         self.norm = nn.ModuleDict({f: nn.LayerNorm(cfg.rank) for f in FACTORS}) if post else None
         logits = torch.zeros(len(FACTORS), len(cfg.combos))
-        self.capture = False  # branches keep their attention (see LPKA.attention_shares)
         if cfg.variant in ("lpka", "paper"):
             self.mix_logits = nn.Parameter(logits)
         else:
@@ -297,17 +313,25 @@ class TransferLayer(nn.Module):
         return torch.softmax(self.mix_logits, dim=1)
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        keys: dict[tuple[str, str], list[tuple[int, torch.Tensor]]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One KTL on ``a: (N, m, R)``, ``b: (N, R, n)`` with the sources' :func:`key_tokens`."""
         out = []
         for fi, (f, x) in enumerate((("A", a), ("B", b))):
             lam = torch.softmax(self.mix_logits[fi], dim=0)
-            update = torch.zeros_like(x)
+            # each query reading is normalised once for the branches that share it
+            queries = {}
+            for qr in dict.fromkeys(qr for qr, _ in self.cfg.combos):
+                t = read(x, qr)
+                queries[qr] = F.layer_norm(t, (t.shape[-1],)) if self.cfg.identity_at_start else t
+            update = None
             for ci, (qr, kr) in enumerate(self.cfg.combos):
                 branch = self.branches[f"{f}_{qr}_{kr}"]
-                branch.capture = self.capture
-                delta = branch(read(x, qr), sources.tokens[(f, kr)])
-                update = update + lam[ci] * read(delta, qr)
+                part = lam[ci] * read(branch(queries[qr], keys[(f, kr)]), qr)
+                update = part if update is None else update + part
             x = x + update
             shared = SHARED_READING[f]
             if self.norm is not None:
@@ -350,10 +374,9 @@ class SourceMLP(nn.Module):
         self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = []
-        for key, groups in sorted(sources.tokens.items()):
+        for key, groups in sorted(key_tokens(sources, self.cfg.source_norm).items()):
             emb = self.embed[f"{key[0]}_{key[1]}"]
-            normed = [F.layer_norm(t, (w,)) if self.cfg.source_norm else t for w, t in groups]
-            pooled.append(torch.cat([emb(t) for t in normed]).mean(0))
+            pooled.append(_cat([emb(t) for _, t in groups]).mean(0))
         z = self.mlp(torch.cat(pooled))
         (m, r), n = a.shape[-2:], b.shape[-1]
         delta_a = self.head["A"](z, m * r).reshape(m, r)
@@ -424,8 +447,9 @@ class LPKA(nn.Module):
             )
         if isinstance(self.body, SourceMLP):
             return self.body(a, b, sources)
+        keys = key_tokens(sources, self.cfg.source_norm)
         for ktl in self.body:
-            a, b = ktl(a, b, sources)
+            a, b = ktl(a, b, keys)
         return a, b
 
     def mixtures(self) -> list[list[list[float]]]:
@@ -437,14 +461,14 @@ class LPKA(nn.Module):
     @contextmanager
     def capturing(self, enabled: bool = True) -> Iterator[None]:
         """Forward passes inside keep each branch's attention for :meth:`attention_shares`."""
-        ktls = [] if isinstance(self.body, SourceMLP) else list(self.body)
-        for ktl in ktls:
-            ktl.capture = enabled
+        branches = [b for b in self.modules() if isinstance(b, Branch)]
+        for branch in branches:
+            branch.capture = enabled
         try:
             yield
         finally:
-            for ktl in ktls:
-                ktl.capture = False
+            for branch in branches:
+                branch.capture = False
 
     @torch.no_grad()
     def attention_shares(self, sources: SourceTokens, num_sources: int) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergenet_fl.lowrank import align_signs, factorize
+from mergenet_fl.lowrank import align_signs, factorize_product
 from mergenet_fl.packet import KnowledgePacket, LayerFactors, PacketError
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,16 @@ class KnowledgeBank:
     def summary(self, group: str, rank: int) -> KnowledgePacket:
         """One packet standing for ``group``: each layer's mean reconstructed weight, re-encoded.
 
-        ``mean_i A_i B_i`` is computed as one product of the stacked factors,
-        ``[A_1 … A_N] @ [B_1; …; B_N] / N``, so no member's full matrix is formed. Singular
-        pairs are signed like the group's previous summary.
+        ``mean_i A_i B_i`` is the product of the stacked factors,
+        ``[A_1 … A_N] @ [B_1; …; B_N] / N``, re-encoded by :func:`factorize_product` without
+        forming it. Singular pairs are signed like the group's previous summary.
         """
         members = [self._entries[c].packet for c in self.groups()[group]]
         layers = {}
         for name, first in members[0].layers.items():
             a = torch.cat([p.layers[name].a for p in members], dim=1)
             b = torch.cat([p.layers[name].b for p in members], dim=0)
-            fa, fb = factorize(a @ b / len(members), rank)
+            fa, fb = factorize_product(a, b / len(members), rank)
             layers[name] = LayerFactors(fa, fb, first.weight_shape, first.kind)
         summary = KnowledgePacket(layers)
         if group in self._summaries:

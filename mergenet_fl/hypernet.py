@@ -6,10 +6,12 @@ One round, for the clients that take part:
    runs the adapter, and returns the merged factors with a :class:`Generation` record of the
    inputs that produced them.
 2. Clients install, train and answer with gradient pieces ``(G_A, G_B)``.
-3. :meth:`Hypernetwork.update` recomputes the generator forward on the recorded inputs and
-   takes one optimiser step with the pFedHN rule,
-   ``∇φ = Σ_clients autograd.grad([A', B'], φ, grad_outputs=[G_A, G_B])``.
-   No autograd graph is kept between 1 and 3.
+3. :meth:`Hypernetwork.update` takes one optimiser step with the pFedHN rule,
+   ``∇φ = Σ_clients autograd.grad([A', B'], φ, grad_outputs=[G_A, G_B])``. A round of at
+   most ``chunk_size`` target rows keeps step 1's autograd graph for it (small rounds are
+   where a second pass costs most beside the work); a larger round recomputes the forward
+   pass here on the recorded inputs, a chunk at a time, so memory stays that of one chunk.
+   The adapter has no dropout or batch statistics: its passes do not depend on a mode.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +50,9 @@ class HypernetConfig:
     the adapter's optimiser. The step size rises linearly over ``warmup_steps`` adapter steps,
     then, with ``decay_steps``, follows a cosine to 0 at step ``warmup_steps + decay_steps``
     (the reference code's AdamW with a cosine schedule).
-    ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update` (memory).
+    ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update`, and the
+    most target rows of a round whose autograd graph :meth:`Hypernetwork.generate` keeps for
+    it (memory).
     ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares when
     generating (one more adapter pass per batch of targets).
@@ -115,6 +119,10 @@ class Generation:
     jobs: tuple[Job, ...]
     #: client -> layer -> ``transfer_effect`` and ``attention`` (source group -> share)
     diagnostics: dict[str, dict[str, dict]] = field(default_factory=dict)
+    #: job index -> the adapter's outputs ``(A', B')`` with their autograd graph, for the
+    #: update: used once, and only while the adapter's parameters are as they were
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    adapter_version: tuple[int, ...] = ()
 
     def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
         """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
@@ -187,8 +195,10 @@ class Hypernetwork:
         fresh = {id(p) for p in params}
         base = [p for p in self.adapter.parameters() if id(p) not in fresh]
         kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        # hundreds of small tensors: one fused kernel per step, not a loop over them
+        fast = {"foreach": True} if self.cfg.optimizer == "sgd" else {"fused": True}
         return kinds[self.cfg.optimizer](
-            base + params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True
+            base + params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, **fast
         )
 
     def lr_at(self, step: int) -> float:
@@ -264,32 +274,41 @@ class Hypernetwork:
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
 
-    @torch.no_grad()
     def generate(
         self, bank: KnowledgeBank, targets: Sequence[str], round: int
     ) -> tuple[dict[str, dict[str, FactorPair]], Generation]:
-        """Merged factors ``{client: {layer: (A': (m, R), B': (R, n))}}`` and their record."""
-        jobs = self.plan(bank, targets)
+        """Merged factors ``{client: {layer: (A': (m, R), B': (R, n))}}`` and their record.
+
+        When the round's target rows fit in one chunk (``chunk_size``) the passes keep their
+        autograd graph, so that :meth:`update` need not run them again.
+        """
+        with torch.no_grad():
+            jobs = self.plan(bank, targets)
         self.register_shapes(
             [(j.a.shape[1], j.b.shape[2]) for j in jobs]
             + [s for j in jobs for s in j.sources.shapes]
         )
         merged: dict[str, dict[str, FactorPair]] = {}
         diagnostics: dict[str, dict[str, dict]] = {}
-        self.adapter.eval()
-        for job in jobs:
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        keep = sum(len(job.members) for job in jobs) <= self.cfg.chunk_size
+        for j, job in enumerate(jobs):
             sources = job.sources.to(self.device)
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
-                with self.adapter.capturing(self.cfg.diagnostics):
+                with torch.set_grad_enabled(keep), self.adapter.capturing(self.cfg.diagnostics):
                     out_a, out_b = self.adapter(a, b, sources)
-                stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
+                if keep:
+                    outputs[j] = (out_a, out_b)
+                out_a, out_b = out_a.detach(), out_b.detach()
+                with torch.no_grad():
+                    stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
                         merged.setdefault(cid, {})[job.layer] = (out_a[i].cpu(), out_b[i].cpu())
                         if stats:
                             diagnostics.setdefault(cid, {})[job.layer] = stats[i]
-        return merged, Generation(round, tuple(jobs), diagnostics)
+        return merged, Generation(round, tuple(jobs), diagnostics, outputs, self._version())
 
     def _diagnose(
         self,
@@ -335,31 +354,32 @@ class Hypernetwork:
         for cid, p in pieces.items():
             generation.check_pieces(cid, p)
         params = [p for p in self.adapter.parameters() if p.requires_grad]
-        grads: list[torch.Tensor | None] = [None] * len(params)
+        self.adapter.zero_grad(set_to_none=True)
         used = 0
-        self.adapter.train()
-        for job in generation.jobs:
+        # a graph from before a change to the parameters differentiates an adapter that is gone
+        kept = dict(generation.outputs) if generation.adapter_version == self._version() else {}
+        generation.outputs.clear()  # a graph is used once
+        # kept graphs first: each is freed before a recomputed pass allocates its own
+        for j in sorted(range(len(generation.jobs)), key=lambda j: j not in kept):
+            job = generation.jobs[j]
             replied = [[c for c in ms if c in pieces] for ms in job.members]
             rows = [i for i, cs in enumerate(replied) if cs]
-            sources = job.sources.to(self.device)
-            for chunk in _chunks(rows, self.cfg.chunk_size):
-                a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
-                out_a, out_b = self.adapter(a, b, sources)
-                ga = torch.stack([sum(pieces[c][job.layer][0] for c in replied[i]) for i in chunk])
-                gb = torch.stack([sum(pieces[c][job.layer][1] for c in replied[i]) for i in chunk])
-                ga, gb = ga.to(self.device), gb.to(self.device)
-                step = torch.autograd.grad(
-                    (out_a, out_b), params, grad_outputs=(ga, gb), allow_unused=True
+            if not rows:
+                continue
+            for chunk, out_a, out_b in self._passes(job, rows, kept.pop(j, None)):
+                # members of a row got the same output; rows without a reply add zero
+                ga, gb = (
+                    torch.stack(
+                        [sum((pieces[c][job.layer][k] for c in replied[i]), zero[i]) for i in chunk]
+                    ).to(self.device)
+                    for k, zero in ((0, torch.zeros_like(job.a)), (1, torch.zeros_like(job.b)))
                 )
-                grads = [
-                    g if s is None else (s if g is None else g + s)
-                    for g, s in zip(grads, step, strict=True)
-                ]
+                # accumulates into .grad of the parameters this pass used, and only those
+                torch.autograd.backward((out_a, out_b), grad_tensors=(ga, gb))
                 used += sum(len(replied[i]) for i in chunk)
         if used == 0 or self.optimizer is None:
+            self.adapter.zero_grad(set_to_none=True)
             return {"pieces": 0, "grad_norm": 0.0}
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         # the total norm is non-finite exactly when some gradient entry is
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
@@ -367,18 +387,35 @@ class Hypernetwork:
             self.optimizer.zero_grad(set_to_none=True)
             log.warning("adapter step skipped: non-finite gradient from %d pieces", used)
             return {"pieces": float(used), "grad_norm": float("nan"), "skipped": 1.0}
-        before = [p.detach().clone() for p in params]
+        stepped = [p.detach() for p in params if p.grad is not None]  # all the step moves
+        before = torch._foreach_mul(stepped, 1.0)  # a copy, in one call for hundreds of tensors
         lr = self.lr_at(self.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        step = sum(
-            float((p.detach() - q).pow(2).sum()) for p, q in zip(params, before, strict=True)
-        )
+        torch._foreach_sub_(before, stepped)
+        step = float(torch.nn.utils.get_total_norm(before, foreach=True))
         log.debug("adapter step: %d pieces, gradient norm %.4g", used, norm)
-        return {"pieces": float(used), "grad_norm": norm, "step_norm": step**0.5, "lr": lr}
+        return {"pieces": float(used), "grad_norm": norm, "step_norm": step, "lr": lr}
+
+    def _version(self) -> tuple[int, ...]:
+        """Changes whenever a parameter is written in place (steps, loads) or one is added."""
+        return tuple(p._version for p in self.adapter.parameters())
+
+    def _passes(
+        self, job: Job, rows: list[int], kept: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """``(rows, A', B')`` with their graph: the pass :meth:`generate` kept for the whole job,
+        or one new pass per chunk of ``rows`` (lazily: one chunk's graph in memory at a time)."""
+        if kept is not None:
+            yield list(range(len(job.members))), *kept
+            return
+        sources = job.sources.to(self.device)
+        for chunk in _chunks(rows, self.cfg.chunk_size):
+            a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
+            yield chunk, *self.adapter(a, b, sources)
 
     def state_dict(self) -> dict:
         """A snapshot (deep copy: the optimiser updates its state tensors in place)."""

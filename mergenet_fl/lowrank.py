@@ -53,9 +53,38 @@ def factorize(
     else:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
+    return _split(u, s, vh)
+
+
+def factorize_product(
+    a: torch.Tensor, b: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`factorize` of ``A @ B`` (``A: (m, k)``, ``B: (k, n)``) without forming it.
+
+    With ``Q_A R_A = A`` and ``Q_B R_B = Bᵀ``, the SVD of ``A @ B`` is ``Q_A`` and ``Q_B``
+    around the SVD of the ``(k, k)`` core ``R_A R_Bᵀ``: ``O((m + n) k²)`` instead of an SVD of
+    the ``(m, n)`` product, and exact (no randomized SVD for large layers). When ``k`` is not
+    below ``min(m, n)`` the product is small enough to factorize directly. Rank
+    ``min(rank, m, n)``, as :func:`factorize` gives.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if k >= min(m, n):
+        return factorize(a @ b, rank)
+    qa, ra = torch.linalg.qr(a.detach().to(torch.float32))
+    qb, rb = torch.linalg.qr(b.detach().to(torch.float32).T)
+    u, s, vh = torch.linalg.svd(ra @ rb.T)
+    r = min(rank, k)
+    fa, fb = _split(qa @ u[:, :r], s[:r], vh[:r] @ qb.T)
+    return pad_rank(fa, fb, min(rank, m, n))  # singular values past k are zero
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = U S^½``, ``B = S^½ Vᵀ`` from a truncated SVD ``(m, r), (r,), (r, n)``, signed so
+    that each column of ``A`` has its largest-magnitude entry positive."""
     # SVD fixes each singular pair only up to sign: pin it so tokens do not flip between rounds.
     pivot = u.abs().argmax(dim=0)
-    signs = torch.sign(u[pivot, torch.arange(r)])
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1])])
     signs[signs == 0] = 1.0
     root = s.clamp_min(0).sqrt()
     a = u * (signs * root)

@@ -1,6 +1,6 @@
 """Benchmark what a round costs beyond its training: one JSON object per scenario.
 
-    python -m simulations.bench_rounds                        # default, paper, flower-floor
+    python -m simulations.bench_rounds                        # every scenario
     python -m simulations.bench_rounds --scenarios paper --rounds 100
 
 Scenarios, each in a fresh process on Flower's simulation engine (one CPU per client):
@@ -8,14 +8,17 @@ Scenarios, each in a fresh process on Flower's simulation engine (one CPU per cl
 - ``default``: the default federation as ``bash scripts/quickstart.sh`` runs it.
 - ``paper``: two image clients (``federation=paper``) in the paper's time unit,
   ``local_steps=4``, evaluated every 10 rounds.
+- ``paper-local``: the same run with LocalOnly, whose server does nothing: what the app and
+  Flower cost a round before any method's work.
 - ``flower-floor``: the same two nodes and stage schedule, with clients that answer at once
   and a minimal Message-API strategy: Flower's own cost per round.
 
 ``wall_s`` spans rounds 2 to N (from the end of round 1 to the last reply: round 1 carries
 the start of Ray's worker processes, which import torch and build their clients on their first
 message), ``compute_s`` sums over those rounds' stages the slowest client's training or
-evaluation time (the critical path), and ``compute_fraction = compute_s / wall_s``;
-``rounds`` counts the rounds measured.
+evaluation time (the critical path; evaluation includes re-estimating BatchNorm), and
+``compute_fraction = compute_s / wall_s``; ``server_s`` sums the server's own work in those
+stages (configure and aggregate); ``rounds`` counts the rounds measured.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
 
-SCENARIOS = ("default", "paper", "flower-floor")
+SCENARIOS = ("default", "paper", "paper-local", "flower-floor")
 PAPER = ["federation=paper", "local_steps=4", "evaluate_every=10"]
+OVERRIDES = {"default": [], "paper": PAPER, "paper-local": [*PAPER, "strategy=local"]}
 
 
 def run_scenario(name: str, rounds: int | None) -> dict[str, float | str | int]:
@@ -49,37 +53,42 @@ def run_scenario(name: str, rounds: int | None) -> dict[str, float | str | int]:
     from simulations.run import simulate
     from strategies.runlog import read_lines
 
-    overrides = ["checkpoint=false"] + (
-        PAPER + [f"num_rounds={rounds or 60}"] if name == "paper" else []
-    )
-    if name == "default" and rounds:
-        overrides.append(f"num_rounds={rounds}")
+    overrides = ["checkpoint=false", *OVERRIDES[name]]
+    if rounds or name != "default":
+        overrides.append(f"num_rounds={rounds or 60}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose(overrides + [f"output_dir={tmp}"])
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         simulate(cfg, run_dir)
-        wall, compute = measure(read_lines(run_dir))
-    return _result(name, cfg.num_rounds - 1, cfg.num_clients, wall, compute)
+        wall, compute, server = measure(read_lines(run_dir))
+    return _result(name, cfg.num_rounds - 1, cfg.num_clients, wall, compute, server)
 
 
-def measure(lines: list[dict]) -> tuple[float, float]:
-    """``(wall_s, compute_s)`` of rounds 2 onwards of a run's ``metrics.jsonl`` lines: from the
-    end of round 1 to the end of the last stage, and per stage the slowest client's training or
-    evaluation seconds, summed."""
-    ends = [(line["round"], line["server"]["stage_end"]) for line in lines if "server" in line]
-    warm = max(end for rnd, end in ends if rnd == 1)
-    wall = max(end for _, end in ends) - warm
+def measure(lines: list[dict]) -> tuple[float, float, float]:
+    """``(wall_s, compute_s, server_s)`` of rounds 2 onwards of a run's ``metrics.jsonl``
+    lines: from the end of round 1 to the end of the last stage; per stage the slowest client's
+    training or evaluation seconds, summed; the server's configure and aggregate seconds."""
+    spans = [(line["round"], line["server"]) for line in lines if "server" in line]
+    warm = max(span["stage_end"] for rnd, span in spans if rnd == 1)
+    wall = max(span["stage_end"] for _, span in spans) - warm
+    server = sum(
+        span.get("configure_seconds", 0.0) + span.get("aggregate_seconds", 0.0)
+        for rnd, span in spans
+        if rnd > 1
+    )
     stages: dict[tuple[int, str], float] = defaultdict(float)
     for line in lines:
         if "group" in line and "dropped" not in line and line["round"] > 1:
             seconds = line.get("train_seconds", line.get("eval_seconds", 0.0))
             key = (line["round"], line["stage"])
             stages[key] = max(stages[key], seconds)
-    return wall, sum(stages.values())
+    return wall, sum(stages.values()), server
 
 
-def _result(name: str, rounds: int, clients: int, wall: float, compute: float) -> dict:
+def _result(
+    name: str, rounds: int, clients: int, wall: float, compute: float, server: float
+) -> dict:
     return {
         "scenario": name,
         "rounds": rounds,
@@ -88,6 +97,7 @@ def _result(name: str, rounds: int, clients: int, wall: float, compute: float) -
         "compute_s": round(compute, 3),
         "compute_fraction": round(compute / wall, 4) if wall > 0 else 0.0,
         "overhead_per_round_s": round((wall - compute) / rounds, 4),
+        "server_per_round_s": round(server / rounds, 4),
     }
 
 
@@ -145,7 +155,7 @@ def _floor(rounds: int) -> dict:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     wall = strategy.ends[rounds] - strategy.ends[1]
-    return _result("flower-floor", rounds - 1, 2, wall, 0.0)
+    return _result("flower-floor", rounds - 1, 2, wall, 0.0, 0.0)
 
 
 def main() -> None:

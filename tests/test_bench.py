@@ -24,21 +24,23 @@ def test_bench_reports_one_transfer_round():
 def test_rounds_benchmark_measures_the_critical_path():
     from simulations.bench_rounds import measure
 
-    def span(rnd, stage, start, end):
-        return {"round": rnd, "stage": stage, "server": {"stage_start": start, "stage_end": end}}
+    def span(rnd, stage, start, end, work=0.0):
+        times = {"stage_start": start, "stage_end": end, "aggregate_seconds": work}
+        return {"round": rnd, "stage": stage, "server": times}
 
     lines = [  # round 1 (the warm-up) is left out
         {"round": 1, "stage": "train", "client": "a", "group": "g", "train_seconds": 9.0},
-        span(1, "train", 90.0, 100.0),
+        span(1, "train", 90.0, 100.0, work=7.0),
         {"round": 2, "stage": "train", "client": "a", "group": "g", "train_seconds": 2.0},
         {"round": 2, "stage": "train", "client": "b", "group": "h", "train_seconds": 3.0},
         {"round": 2, "stage": "train", "client": "c", "dropped": "no reply"},
-        span(2, "train", 100.2, 104.0),
+        span(2, "train", 100.2, 104.0, work=0.25),
         {"round": 2, "stage": "evaluate", "client": "a", "group": "g", "eval_seconds": 0.5},
-        span(2, "evaluate", 104.0, 105.0),
+        span(2, "evaluate", 104.0, 105.0, work=0.5),
     ]
-    wall, compute = measure(lines)
+    wall, compute, server = measure(lines)
     assert wall == 5.0 and compute == 3.5  # the slowest client of each stage
+    assert server == 0.75  # round 1's server work is left out with its wall time
 
 
 def test_flower_floor_scenario_prints_its_numbers():

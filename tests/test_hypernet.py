@@ -153,6 +153,84 @@ def test_group_target_update_sums_the_members_pieces():
     assert any(not torch.equal(before[k], t) for k, t in reference.adapter.state_dict().items())
 
 
+def random_pieces(merged, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        cid: {
+            name: (torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen))
+            for name, (a, b) in layers.items()
+        }
+        for cid, layers in merged.items()
+    }
+
+
+def twin_hypernetworks(**kwargs):
+    cfg = HypernetConfig(adapter=SMALL, optimizer="sgd", lr=0.1, max_grad_norm=None, **kwargs)
+    one, two = Hypernetwork(cfg), Hypernetwork(cfg)
+    for hn in (one, two):  # away from the identity, so every parameter has a gradient
+        hn.register_shapes([(10, 32), (10, 40), (12, 18), (16, 16), (20, 24)])
+        with torch.no_grad():
+            for i, p in enumerate(hn.adapter.parameters()):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
+    return one, two
+
+
+def assert_same_adapter(one, two):
+    for (name, x), y in zip(
+        one.adapter.state_dict().items(), two.adapter.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("group_targets", [False, True])
+def test_update_from_the_graph_kept_by_generate_equals_a_recomputed_pass(group_targets):
+    """Rows whose clients did not reply (r1, m0) add nothing, kept graph or not."""
+    bank = federation()
+    kept, recomputed = twin_hypernetworks(group_targets=group_targets)
+    targets = ["r0", "r1", "m0", "t0"]
+    merged, gen_kept = kept.generate(bank, targets, round=2)
+    _, gen_recomputed = recomputed.generate(bank, targets, round=2)
+    assert len(gen_kept.outputs) == len(gen_kept.jobs)  # every job fits in one chunk
+    gen_recomputed.outputs.clear()  # as for jobs beyond chunk_size rows
+    pieces = random_pieces(merged, seed=5)
+    pieces = {c: pieces[c] for c in ("r0", "t0")}
+    stats, reference = kept.update(gen_kept, pieces), recomputed.update(gen_recomputed, pieces)
+    assert stats["pieces"] == reference["pieces"] == 2
+    assert stats["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert_same_adapter(kept, recomputed)
+    assert not gen_kept.outputs  # a graph is used once
+
+
+def test_a_graph_kept_from_before_the_adapter_changed_is_not_used():
+    bank = federation()
+    stale, fresh = twin_hypernetworks()
+    merged, first = stale.generate(bank, ["r0", "t0"], round=2)
+    _, second = stale.generate(bank, ["r0", "t0"], round=3)
+    stale.update(second, random_pieces(merged, seed=1))  # a step between generate and update
+    _, mirror = fresh.generate(bank, ["r0", "t0"], round=3)
+    fresh.update(mirror, random_pieces(merged, seed=1))
+    _, first_again = fresh.generate(bank, ["r0", "t0"], round=2)
+    first_again.outputs.clear()
+    # the first generation's graph holds the parameters from before the step
+    stale.update(first, random_pieces(merged, seed=2))
+    fresh.update(first_again, random_pieces(merged, seed=2))
+    assert_same_adapter(stale, fresh)
+
+
+def test_generate_keeps_the_graph_only_of_a_round_that_fits_in_one_chunk():
+    bank = federation()
+    targets = ["r0", "r1", "m0", "t0"]  # 5 rows: r0, r1, m0 twice (two layers), t0
+    small = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=5))
+    merged, generation = small.generate(bank, targets, round=2)
+    assert sorted(generation.outputs) == list(range(len(generation.jobs)))
+    assert all(out.requires_grad for pair in generation.outputs.values() for out in pair)
+    assert not any(
+        t.requires_grad for layers in merged.values() for pair in layers.values() for t in pair
+    )  # what is sent carries no graph
+    large = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=4))
+    assert not large.generate(bank, targets, round=2)[1].outputs  # recomputed chunk by chunk
+
+
 def steps_towards(hn, bank, goals, steps):
     """Run ``steps`` rounds where each client 'trains' its layer to ``goals[cid]``."""
     errors = []

@@ -11,6 +11,7 @@ from mergenet_fl import (
     decode_factors,
     encode_factors,
     factorize,
+    factorize_product,
     pad_rank,
 )
 
@@ -51,6 +52,20 @@ def test_factorize_caps_rank_and_rejects_bad_input():
         factorize(torch.randn(2, 3, 4), 2)
     with pytest.raises(ValueError, match="rank"):
         factorize(torch.randn(3, 3), 0)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(64, 800, 8), (40, 30, 24), (20, 30, 3), (10, 12, 16)],  # the last forms the product
+)
+def test_factorize_product_is_factorize_of_the_product(m, n, k):
+    gen = torch.Generator().manual_seed(k)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    got = factorize_product(a, b, 8)
+    want = factorize(a @ b, 8, randomized_min_size=m * n + 1)
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape  # rank min(8, m, n)
+    torch.testing.assert_close(got[0] @ got[1], want[0] @ want[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=1e-3)  # same signs and split
 
 
 def test_pad_rank_keeps_product():

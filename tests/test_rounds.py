@@ -140,6 +140,29 @@ def test_failed_clients_can_be_allowed(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "ok"
 
 
+def test_evaluation_seconds_count_the_batchnorm_re_estimation(tmp_path, monkeypatch):
+    """Re-estimating BatchNorm is evaluation compute: the rounds benchmark must not count it
+    as the round's overhead."""
+    from simulations import client_app
+
+    calibrate = client_app.calibrated_batchnorm
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "calibrated_batchnorm", slow)
+    cfg = compose("federation=tiny num_rounds=1 strategy=local")
+    run_server(
+        FakeGrid(app_nodes(make_client_app(lambda context: cfg), cfg.num_clients)), cfg, tmp_path
+    )
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [x for x in lines if x.get("stage") == "evaluate" and "group" in x]
+    assert len(evaluated) == cfg.num_clients
+    assert all(x["eval_seconds"] >= 0.3 for x in evaluated)
+    assert all(x["client_seconds"] >= x["eval_seconds"] for x in evaluated)
+
+
 def test_a_process_reloads_a_client_only_when_another_process_wrote_its_state():
     from flwr.app import ConfigRecord, Context, RecordDict
 
