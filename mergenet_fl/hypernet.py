@@ -359,21 +359,18 @@ class Hypernetwork:
         # a graph from before a change to the parameters differentiates an adapter that is gone
         kept = dict(generation.outputs) if generation.adapter_version == self._version() else {}
         generation.outputs.clear()  # a graph is used once
-        # kept graphs first: each is freed before a recomputed pass allocates its own
-        for j in sorted(range(len(generation.jobs)), key=lambda j: j not in kept):
-            job = generation.jobs[j]
+        for j, job in enumerate(generation.jobs):
             replied = [[c for c in ms if c in pieces] for ms in job.members]
             rows = [i for i, cs in enumerate(replied) if cs]
             if not rows:
                 continue
+            # per row its members' pieces summed (they got the same output); zero without replies
+            grad_a, grad_b = (
+                torch.stack([sum((pieces[c][job.layer][k] for c in cs), zero) for cs in replied])
+                for k, zero in ((0, torch.zeros_like(job.a[0])), (1, torch.zeros_like(job.b[0])))
+            )
             for chunk, out_a, out_b in self._passes(job, rows, kept.pop(j, None)):
-                # members of a row got the same output; rows without a reply add zero
-                ga, gb = (
-                    torch.stack(
-                        [sum((pieces[c][job.layer][k] for c in replied[i]), zero[i]) for i in chunk]
-                    ).to(self.device)
-                    for k, zero in ((0, torch.zeros_like(job.a)), (1, torch.zeros_like(job.b)))
-                )
+                ga, gb = grad_a[chunk].to(self.device), grad_b[chunk].to(self.device)
                 # accumulates into .grad of the parameters this pass used, and only those
                 torch.autograd.backward((out_a, out_b), grad_tensors=(ga, gb))
                 used += sum(len(replied[i]) for i in chunk)
