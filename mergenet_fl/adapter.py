@@ -322,7 +322,8 @@ class TransferLayer(nn.Module):
         out = []
         for fi, (f, x) in enumerate((("A", a), ("B", b))):
             lam = torch.softmax(self.mix_logits[fi], dim=0)
-            # each query reading is normalised once for the branches that share it
+            # each query reading is normalised once for the branches that share it (pre-norm;
+            # the paper variants normalise after the attention, as the reference code does)
             queries = {}
             for qr in dict.fromkeys(qr for qr, _ in self.cfg.combos):
                 t = read(x, qr)
