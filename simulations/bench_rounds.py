@@ -17,8 +17,8 @@ Scenarios, each in a fresh process on Flower's simulation engine (one CPU per cl
 the start of Ray's worker processes, which import torch and build their clients on their first
 message), ``compute_s`` sums over those rounds' stages the slowest client's training or
 evaluation time (the critical path; evaluation includes re-estimating BatchNorm), and
-``compute_fraction = compute_s / wall_s``; ``server_s`` sums the server's own work in those
-stages (configure and aggregate); ``rounds`` counts the rounds measured.
+``compute_fraction = compute_s / wall_s``; ``server_per_round_s`` is the server's own work
+in those stages (configure and aggregate) per round; ``rounds`` counts the rounds measured.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_scenario(name: str, rounds: int | None) -> dict[str, float | str | int]:
     from strategies.runlog import read_lines
 
     overrides = ["checkpoint=false", *OVERRIDES[name]]
-    if rounds or name != "default":
+    if rounds or name != "default":  # the default federation keeps its own round count
         overrides.append(f"num_rounds={rounds or 60}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose(overrides + [f"output_dir={tmp}"])

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -182,6 +184,17 @@ def assert_same_adapter(one, two):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@contextmanager
+def counting_passes(hn):
+    """A list that gets an entry for every adapter forward pass run inside the block."""
+    passes = []
+    handle = hn.adapter.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        yield passes
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("group_targets", [False, True])
 def test_update_from_the_graph_kept_by_generate_equals_a_recomputed_pass(group_targets):
     """Rows whose clients did not reply (r1, m0) add nothing, kept graph or not."""
@@ -194,7 +207,10 @@ def test_update_from_the_graph_kept_by_generate_equals_a_recomputed_pass(group_t
     gen_recomputed.outputs.clear()  # as for jobs beyond chunk_size rows
     pieces = random_pieces(merged, seed=5)
     pieces = {c: pieces[c] for c in ("r0", "t0")}
-    stats, reference = kept.update(gen_kept, pieces), recomputed.update(gen_recomputed, pieces)
+    with counting_passes(kept) as kept_passes, counting_passes(recomputed) as new_passes:
+        stats = kept.update(gen_kept, pieces)
+        reference = recomputed.update(gen_recomputed, pieces)
+    assert kept_passes == [] and new_passes  # the kept graph spares the update a forward pass
     assert stats["pieces"] == reference["pieces"] == 2
     assert stats["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
     assert_same_adapter(kept, recomputed)
@@ -212,7 +228,9 @@ def test_a_graph_kept_from_before_the_adapter_changed_is_not_used():
     _, first_again = fresh.generate(bank, ["r0", "t0"], round=2)
     first_again.outputs.clear()
     # the first generation's graph holds the parameters from before the step
-    stale.update(first, random_pieces(merged, seed=2))
+    with counting_passes(stale) as passes:
+        stale.update(first, random_pieces(merged, seed=2))
+    assert passes  # recomputed at the current parameters
     fresh.update(first_again, random_pieces(merged, seed=2))
     assert_same_adapter(stale, fresh)
 
