@@ -36,7 +36,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -204,13 +204,38 @@ class WidthLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """``(..., w) -> (..., dim)``; with ``to_dim=False``, ``(..., dim) -> (..., w)``."""
-        return self.by_width[str(x.shape[-1] if self.to_dim else width)](x)
+        layer = self.by_width[str(x.shape[-1] if self.to_dim else width)]
+        return F.linear(x, layer.weight, layer.bias)  # the module call costs more than the op
+
+
+class Capture:
+    """Whether forward passes keep what their attention needs, and what they kept: branch
+    path -> ``(q, k, N, Lq)``, the query and key heads (detached). One per adapter, shared by
+    its branches; the attention itself is computed only when asked for
+    (:meth:`LPKA.attention_shares`), not in the pass."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.heads: dict[str, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+
+
+@dataclass
+class KeyMemo:
+    """The normalised key tokens of one source set and each branch's key and value heads,
+    kept for the next pass over the same sources (their cost does not depend on the target).
+
+    Valid while the adapter's parameters are unchanged. With gradients on, the passes that
+    share it share the graph of its tensors: backpropagate them together, in one call.
+    """
+
+    keys: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] | None = None
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Branch(nn.Module):
     """Multi-head attention of one factor's query reading on one key reading of the sources."""
 
-    def __init__(self, cfg: AdapterConfig, path: str) -> None:
+    def __init__(self, cfg: AdapterConfig, path: str, capture: Capture) -> None:
         super().__init__()
         self.heads = cfg.heads
         self.q = WidthLinear(cfg.dim, to_dim=True, seed=cfg.seed, path=f"{path}.q")
@@ -219,30 +244,37 @@ class Branch(nn.Module):
         self.o = WidthLinear(
             cfg.dim, to_dim=False, seed=cfg.seed, path=f"{path}.o", zero=cfg.identity_at_start
         )
-        self.attention: torch.Tensor | None = None  # (N, L) when :attr:`capture` is on
-        self.capture = False
+        self.path = path
+        self.capture = capture
 
-    def forward(self, query: torch.Tensor, keys: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        keys: list[tuple[int, torch.Tensor]],
+        memo: KeyMemo | None = None,
+    ) -> torch.Tensor:
         """``query: (N, Lq, w)`` (normalised by the caller where the variant does), key groups
         ``[(w_i, (L_i, w_i))]`` (likewise, see :func:`key_tokens`) -> update ``(N, Lq, w)``.
+        The key and value heads come from ``memo`` when it has them, and go there when not.
 
-        With :attr:`capture` on, :attr:`attention` keeps each target's attention to every key
-        token, averaged over heads and query tokens: ``(N, L)`` (a diagnostic; costs a second
-        attention product).
+        With the adapter's :class:`Capture` on, it keeps its query and key heads, from which
+        :meth:`LPKA.attention_shares` computes the attention later.
         """
         n, lq, w = query.shape
         q = self.q(query)
-        k = _cat([self.k(t) for _, t in keys])
-        v = _cat([self.v(t) for _, t in keys])
         h, d = self.heads, q.shape[-1] // self.heads
         # The keys are the same for every target of a batch: fold the batch into the queries.
         q = q.reshape(1, n * lq, h, d).transpose(1, 2)
-        k = k.reshape(1, -1, h, d).transpose(1, 2)
-        v = v.reshape(1, -1, h, d).transpose(1, 2)
+        if memo is not None and self.path in memo.heads:
+            k, v = memo.heads[self.path]
+        else:
+            k = _cat([self.k(t) for _, t in keys]).reshape(1, -1, h, d).transpose(1, 2)
+            v = _cat([self.v(t) for _, t in keys]).reshape(1, -1, h, d).transpose(1, 2)
+            if memo is not None:
+                memo.heads[self.path] = (k, v)
         out = F.scaled_dot_product_attention(q, k, v)
-        if self.capture:
-            weights = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)  # (1, h, N·Lq, L)
-            self.attention = weights.mean(dim=1).reshape(n, lq, -1).mean(dim=1)
+        if self.capture.on:
+            self.capture.heads[self.path] = (q.detach(), k.detach(), n, lq)
         out = out.transpose(1, 2).reshape(n, lq, h * d)
         return self.o(out, w)
 
@@ -288,12 +320,12 @@ class FeedForward(nn.Module):
 class TransferLayer(nn.Module):
     """One KTL: ``x ← x + Σ_k λ_k · branch_k(x, sources)``, then the feed-forward block."""
 
-    def __init__(self, cfg: AdapterConfig, path: str) -> None:
+    def __init__(self, cfg: AdapterConfig, path: str, capture: Capture) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.path = cfg, path
         self.branches = nn.ModuleDict(
             {
-                f"{f}_{qr}_{kr}": Branch(cfg, f"{path}.{f}_{qr}_{kr}")
+                f"{f}_{qr}_{kr}": Branch(cfg, f"{path}.{f}_{qr}_{kr}", capture)
                 for f in FACTORS
                 for qr, kr in cfg.combos
             }
@@ -317,6 +349,7 @@ class TransferLayer(nn.Module):
         a: torch.Tensor,
         b: torch.Tensor,
         keys: dict[tuple[str, str], list[tuple[int, torch.Tensor]]],
+        memo: KeyMemo | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One KTL on ``a: (N, m, R)``, ``b: (N, R, n)`` with the sources' :func:`key_tokens`."""
         out = []
@@ -328,12 +361,12 @@ class TransferLayer(nn.Module):
             for qr in dict.fromkeys(qr for qr, _ in self.cfg.combos):
                 t = read(x, qr)
                 queries[qr] = F.layer_norm(t, (t.shape[-1],)) if self.cfg.identity_at_start else t
-            update = None
-            for ci, (qr, kr) in enumerate(self.cfg.combos):
-                branch = self.branches[f"{f}_{qr}_{kr}"]
-                part = lam[ci] * read(branch(queries[qr], keys[(f, kr)]), qr)
-                update = part if update is None else update + part
-            x = x + update
+            parts = [
+                read(self.branches[f"{f}_{qr}_{kr}"](queries[qr], keys[(f, kr)], memo), qr)
+                for qr, kr in self.cfg.combos
+            ]
+            # Σ_k λ_k · part_k in three ops (and three backward nodes), not 3 per branch
+            x = x + (lam.view(-1, 1, 1, 1) * torch.stack(parts)).sum(0)
             shared = SHARED_READING[f]
             if self.norm is not None:
                 x = read(self.norm[f](read(x, shared)), shared)
@@ -397,12 +430,15 @@ class LPKA(nn.Module):
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.capture = Capture()
         with torch.random.fork_rng(devices=[]):  # the same seed always builds the same adapter
             torch.manual_seed(cfg.seed)
             if cfg.variant in ("mlp", "paper_mlp"):
                 self.body: nn.Module = SourceMLP(cfg)
             else:
-                self.body = nn.ModuleList(TransferLayer(cfg, f"ktl{i}") for i in range(cfg.layers))
+                self.body = nn.ModuleList(
+                    TransferLayer(cfg, f"ktl{i}", self.capture) for i in range(cfg.layers)
+                )
         self.registered: list[tuple[int, int]] = []
 
     def register_shapes(self, shapes: Iterable[tuple[int, int]]) -> list[nn.Parameter]:
@@ -435,11 +471,16 @@ class LPKA(nn.Module):
         return new
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, sources: SourceTokens
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        sources: SourceTokens,
+        memo: KeyMemo | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged factors for a batch of targets that share ``sources``.
 
-        ``a: (N, m, R)``, ``b: (N, R, n)`` -> ``A': (N, m, R)``, ``B': (N, R, n)``.
+        ``a: (N, m, R)``, ``b: (N, R, n)`` -> ``A': (N, m, R)``, ``B': (N, R, n)``. ``memo``
+        (one per source set) lets passes over the same sources share their key projections.
         """
         if a.shape[-1] != self.cfg.rank or b.shape[-2] != self.cfg.rank:
             raise ValueError(
@@ -448,9 +489,14 @@ class LPKA(nn.Module):
             )
         if isinstance(self.body, SourceMLP):
             return self.body(a, b, sources)
-        keys = key_tokens(sources, self.cfg.source_norm)
+        if memo is None:
+            keys = key_tokens(sources, self.cfg.source_norm)
+        else:
+            if memo.keys is None:
+                memo.keys = key_tokens(sources, self.cfg.source_norm)
+            keys = memo.keys
         for ktl in self.body:
-            a, b = ktl(a, b, keys)
+            a, b = ktl(a, b, keys, memo)
         return a, b
 
     def mixtures(self) -> list[list[list[float]]]:
@@ -460,21 +506,22 @@ class LPKA(nn.Module):
         return [ktl.mixture().tolist() for ktl in self.body]
 
     @contextmanager
-    def capturing(self, enabled: bool = True) -> Iterator[None]:
-        """Forward passes inside keep each branch's attention for :meth:`attention_shares`."""
-        branches = [b for b in self.modules() if isinstance(b, Branch)]
-        for branch in branches:
-            branch.capture = enabled
+    def capturing(self, enabled: bool = True) -> Iterator[dict]:
+        """Forward passes inside keep what :meth:`attention_shares` needs, in the dict this
+        yields (branch path -> query and key heads: references, no copies)."""
+        self.capture.on, self.capture.heads = enabled, {}
         try:
-            yield
+            yield self.capture.heads
         finally:
-            for branch in branches:
-                branch.capture = False
+            self.capture.on, self.capture.heads = False, {}
 
     @torch.no_grad()
-    def attention_shares(self, sources: SourceTokens, num_sources: int) -> torch.Tensor | None:
-        """How much attention each source layer received in the last forward pass (run under
-        :meth:`capturing`): ``(N, num_sources)``, rows sum to 1.
+    def attention_shares(
+        self, captured: dict, sources: SourceTokens, num_sources: int
+    ) -> torch.Tensor | None:
+        """How much attention each source layer received in a forward pass run under
+        :meth:`capturing` (``captured``: what it yielded; the adapter's parameters unchanged
+        since): ``(N, num_sources)``, rows sum to 1.
 
         The attention of every branch of every KTL, averaged over heads and query tokens,
         weighted by the branch's ``λ``, summed over each source's tokens and averaged over the
@@ -484,20 +531,18 @@ class LPKA(nn.Module):
             return None
         total = None
         for ktl in self.body:
-            lam = ktl.mixture()
+            lam = ktl.mixture() / len(FACTORS)
             for fi, f in enumerate(FACTORS):
                 for ci, (qr, kr) in enumerate(self.cfg.combos):
-                    branch = ktl.branches[f"{f}_{qr}_{kr}"]
-                    if branch.attention is None:
+                    heads = captured.get(f"{ktl.path}.{f}_{qr}_{kr}")
+                    if heads is None:
                         raise RuntimeError(
                             "attention_shares needs a forward pass under capturing()"
                         )
-                    owners = torch.cat(sources.owners[(f, kr)]).to(branch.attention.device)
-                    shares = torch.zeros(
-                        branch.attention.shape[0], num_sources, device=owners.device
-                    )
-                    shares.index_add_(1, owners, branch.attention.float())
-                    part = lam[fi, ci].item() * shares.cpu() / len(FACTORS)
-                    total = part if total is None else total + part
-                    branch.attention = None
-        return total / len(self.body)
+                    q, k, n, lq = heads
+                    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                    attention = weights.mean(1).reshape(n, lq, -1).mean(1)  # (N, L)
+                    owners = torch.cat(sources.owners[(f, kr)]).to(attention.device)
+                    shares = attention.new_zeros(n, num_sources).index_add_(1, owners, attention)
+                    total = lam[fi, ci] * shares if total is None else total + lam[fi, ci] * shares
+        return total.float().cpu() / len(self.body)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from mergenet_fl.adapter import LPKA, AdapterConfig, SourceTokens
+from mergenet_fl.adapter import LPKA, AdapterConfig, KeyMemo, SourceTokens
 from mergenet_fl.bank import KnowledgeBank
 from mergenet_fl.lowrank import pad_rank
 from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
@@ -117,12 +118,29 @@ class Generation:
 
     round: int
     jobs: tuple[Job, ...]
-    #: client -> layer -> ``transfer_effect`` and ``attention`` (source group -> share)
-    diagnostics: dict[str, dict[str, dict]] = field(default_factory=dict)
     #: job index -> the adapter's outputs ``(A', B')`` with their autograd graph, for the
     #: update: used once, and only while the adapter's parameters are as they were
     outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     adapter_version: tuple[int, ...] = ()
+    #: measurements not taken yet, each giving ``[(client, layer, stats)]``
+    pending: list[Callable[[], list[tuple[str, str, dict]]]] = field(
+        default_factory=list, repr=False
+    )
+    measured: dict[str, dict[str, dict]] = field(default_factory=dict, repr=False)
+
+    def measure(self) -> None:
+        """Take the pending measurements. They need the adapter as it generated, so this
+        must come before it changes (:meth:`Hypernetwork.update` calls it first); a strategy
+        can call it while its clients train, off the round's critical path."""
+        while self.pending:
+            for cid, layer, stats in self.pending.pop(0)():
+                self.measured.setdefault(cid, {})[layer] = stats
+
+    @property
+    def diagnostics(self) -> dict[str, dict[str, dict]]:
+        """Client -> layer -> ``transfer_effect`` and ``attention`` (source group -> share)."""
+        self.measure()
+        return self.measured
 
     def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
         """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
@@ -173,6 +191,9 @@ class Hypernetwork:
         self.adapter = LPKA(cfg.adapter).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0  # adapter steps taken (the schedule's clock)
+        # the adapter's parameters, listed again only when shapes add some (walking the
+        # module tree on every use costs milliseconds per round)
+        self.params = list(self.adapter.parameters())
 
     @property
     def rank(self) -> int:
@@ -185,6 +206,7 @@ class Hypernetwork:
             if not params:
                 continue
             self.adapter.to(self.device)  # moves the new parameters in place
+            self.params = list(self.adapter.parameters())
             if self.optimizer is None:
                 self.optimizer = self._make_optimizer(params)
             else:
@@ -289,39 +311,49 @@ class Hypernetwork:
             + [s for j in jobs for s in j.sources.shapes]
         )
         merged: dict[str, dict[str, FactorPair]] = {}
-        diagnostics: dict[str, dict[str, dict]] = {}
+        pending: list[Callable[[], list[tuple[str, str, dict]]]] = []
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         keep = sum(len(job.members) for job in jobs) <= self.cfg.chunk_size
+        memos: dict[int, KeyMemo] = {}  # per source set (jobs of one set share the object)
         for j, job in enumerate(jobs):
             sources = job.sources.to(self.device)
+            memo = memos.setdefault(id(job.sources), KeyMemo())
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
-                with torch.set_grad_enabled(keep), self.adapter.capturing(self.cfg.diagnostics):
-                    out_a, out_b = self.adapter(a, b, sources)
+                with (
+                    torch.set_grad_enabled(keep),
+                    self.adapter.capturing(self.cfg.diagnostics) as captured,
+                ):
+                    out_a, out_b = self.adapter(a, b, sources, memo)
                 if keep:
                     outputs[j] = (out_a, out_b)
                 out_a, out_b = out_a.detach(), out_b.detach()
-                with torch.no_grad():
-                    stats = self._diagnose(job, a, b, out_a, out_b) if self.cfg.diagnostics else []
+                if self.cfg.diagnostics:
+                    pending.append(
+                        partial(self._diagnose, job, rows, a, b, out_a, out_b, dict(captured))
+                    )
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
                         merged.setdefault(cid, {})[job.layer] = (out_a[i].cpu(), out_b[i].cpu())
-                        if stats:
-                            diagnostics.setdefault(cid, {})[job.layer] = stats[i]
-        return merged, Generation(round, tuple(jobs), diagnostics, outputs, self._version())
+        version = self._version()
+        return merged, Generation(round, tuple(jobs), outputs, version, pending)
 
+    @torch.no_grad()
     def _diagnose(
         self,
         job: Job,
+        rows: list[int],
         a: torch.Tensor,
         b: torch.Tensor,
         out_a: torch.Tensor,
         out_b: torch.Tensor,
-    ) -> list[dict]:
+        captured: dict,
+    ) -> list[tuple[str, str, dict]]:
         """Per target row: ``transfer_effect`` = ‖merged − merged from its own group alone‖ /
         ‖its own low-rank part‖ (0 when the other groups change nothing), and the share of
-        attention each source group received (in the pass that made ``out_a, out_b``)."""
-        shares = self.adapter.attention_shares(job.sources, len(job.source_groups))
+        attention each source group received (in the pass that made ``out_a, out_b``, whose
+        heads are ``captured``), for each of the row's clients."""
+        shares = self.adapter.attention_shares(captured, job.sources, len(job.source_groups))
         own = [i for i, g in enumerate(job.source_groups) if g == job.group]
         if own:
             own_sources = SourceTokens.build(
@@ -334,12 +366,13 @@ class Hypernetwork:
             a @ b
         ).clamp_min(1e-12)
         out = []
-        for i in range(a.shape[0]):
+        for i, row in enumerate(rows):
             attention: dict[str, float] = {}
             if shares is not None:
                 for s, group in enumerate(job.source_groups):
                     attention[group] = attention.get(group, 0.0) + float(shares[i, s])
-            out.append({"transfer_effect": float(effect[i]), "attention": attention})
+            stats = {"transfer_effect": float(effect[i]), "attention": attention}
+            out += [(cid, job.layer, stats) for cid in job.members[row]]
         return out
 
     def update(
@@ -353,12 +386,14 @@ class Hypernetwork:
         """
         for cid, p in pieces.items():
             generation.check_pieces(cid, p)
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        self.adapter.zero_grad(set_to_none=True)
-        used = 0
+        generation.measure()  # before the step: the measurements need the adapter as it was
+        params = [p for p in self.params if p.requires_grad]
+        for p in params:
+            p.grad = None
         # a graph from before a change to the parameters differentiates an adapter that is gone
         kept = dict(generation.outputs) if generation.adapter_version == self._version() else {}
         generation.outputs.clear()  # a graph is used once
+        todo = []  # (job index, replied clients per row, rows that replied, G_A, G_B)
         for j, job in enumerate(generation.jobs):
             replied = [[c for c in ms if c in pieces] for ms in job.members]
             rows = [i for i, cs in enumerate(replied) if cs]
@@ -369,13 +404,26 @@ class Hypernetwork:
                 torch.stack([sum((pieces[c][job.layer][k] for c in cs), zero) for cs in replied])
                 for k, zero in ((0, torch.zeros_like(job.a[0])), (1, torch.zeros_like(job.b[0])))
             )
-            for chunk, out_a, out_b in self._passes(job, rows, kept.pop(j, None)):
-                ga, gb = grad_a[chunk].to(self.device), grad_b[chunk].to(self.device)
-                # accumulates into .grad of the parameters this pass used, and only those
-                torch.autograd.backward((out_a, out_b), grad_tensors=(ga, gb))
+            todo.append((j, replied, rows, grad_a.to(self.device), grad_b.to(self.device)))
+        # Kept graphs in one call (jobs of one source set share their key projections), and
+        # first, so that they are freed before a recomputed pass builds its own. A call
+        # accumulates into .grad of the parameters its passes used, and only those.
+        from_kept = [t for t in todo if t[0] in kept]
+        if from_kept:
+            torch.autograd.backward(
+                [out for j, *_ in from_kept for out in kept[j]],
+                grad_tensors=[g for *_, grad_a, grad_b in from_kept for g in (grad_a, grad_b)],
+            )
+        used = sum(len(cs) for _, replied, *_ in from_kept for cs in replied)
+        for j, replied, rows, grad_a, grad_b in todo:
+            if j in kept:
+                continue
+            for chunk, out_a, out_b in self._passes(generation.jobs[j], rows):
+                torch.autograd.backward((out_a, out_b), grad_tensors=(grad_a[chunk], grad_b[chunk]))
                 used += sum(len(replied[i]) for i in chunk)
         if used == 0 or self.optimizer is None:
-            self.adapter.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             return {"pieces": 0, "grad_norm": 0.0}
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         # the total norm is non-finite exactly when some gradient entry is
@@ -399,16 +447,13 @@ class Hypernetwork:
 
     def _version(self) -> tuple[int, ...]:
         """Changes whenever a parameter is written in place (steps, loads) or one is added."""
-        return tuple(p._version for p in self.adapter.parameters())
+        return tuple(p._version for p in self.params)
 
     def _passes(
-        self, job: Job, rows: list[int], kept: tuple[torch.Tensor, torch.Tensor] | None
+        self, job: Job, rows: list[int]
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """``(rows, A', B')`` with their graph: the pass :meth:`generate` kept for the whole job,
-        or one new pass per chunk of ``rows`` (lazily: one chunk's graph in memory at a time)."""
-        if kept is not None:
-            yield list(range(len(job.members))), *kept
-            return
+        """``(rows, A', B')`` with their graph, one new pass per chunk of ``rows`` (lazily: one
+        chunk's graph in memory at a time)."""
         sources = job.sources.to(self.device)
         for chunk in _chunks(rows, self.cfg.chunk_size):
             a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)

@@ -27,6 +27,7 @@ from mergenet_fl import PacketError
 from strategies import protocol as p
 from strategies.checkpoint import set_rng_state
 from strategies.logs import show_in_flower_log
+from strategies.polling import PromptGrid
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,10 @@ class PeerStrategy(Strategy):
         """Use the validated replies; return a record for the round log."""
         return {}
 
+    def while_waiting(self) -> None:
+        """Work that needs no replies, run once a stage's messages are out (on Flower's
+        grids), while the clients work. What it skips must happen later anyway."""
+
     # ----------------------------------------------------------------- Flower hooks
     def summary(self) -> None:
         log.info("\t├──> %s: share=%s", type(self).__name__, self.share)
@@ -215,6 +220,8 @@ class PeerStrategy(Strategy):
             else "each architecture group's averaged parameters as '<group>/<name>' "
             "(strategies.group_state_dicts splits them)",
         )
+        if isinstance(grid, Grid):  # Flower's grids pull replies every 0.1 s (3 s deployed)
+            grid = PromptGrid(grid, self.while_waiting)
         return super().start(
             grid,
             initial_arrays,

@@ -134,6 +134,10 @@ class MergeNet(PeerStrategy):
             if ident.client_id in merged
         }
 
+    def while_waiting(self) -> None:
+        if self.generation is not None:  # the diagnostics, off the round's critical path
+            self.generation.measure()
+
     def validate(self, server_round: int, reply: ClientReply) -> None:
         cid, records = reply.identity.client_id, reply.content.array_records
         if p.PACKET in records:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mergenet_fl import LPKA, VARIANTS, AdapterConfig, SourceTokens, factorize, pad_rank
-from mergenet_fl.adapter import compress_tokens
+from mergenet_fl.adapter import Branch, KeyMemo, compress_tokens
 
 SHAPES = [(10, 48), (24, 36), (16, 16)]
 
@@ -58,6 +58,44 @@ def test_trained_adapter_changes_factors_and_keeps_shapes(variant):
     out_a, out_b = adapter(a, b, sources)
     assert out_a.shape == a.shape and out_b.shape == b.shape
     assert not torch.allclose(out_a, a)
+
+
+@pytest.mark.parametrize("variant", ["lpka", "paper"])
+def test_passes_sharing_a_key_memo_project_the_keys_once_and_change_nothing(variant):
+    """Targets of two shapes over one source set: with a shared memo each branch projects the
+    keys once, the outputs are the same, and one backward over both passes gives the
+    gradient of two passes without it."""
+    cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2)
+    adapter = perturbed(cfg, SHAPES)
+    _, sources = sources_for(SHAPES)
+    targets = [batch((10, 48)), batch((24, 36), n=2)]
+    grads = [(torch.randn_like(a), torch.randn_like(b)) for a, b in targets]
+    calls = []
+    for branch in adapter.modules():
+        if isinstance(branch, Branch):
+            branch.k.register_forward_hook(lambda *_: calls.append(1))
+
+    def run(memo_for):
+        adapter.zero_grad(set_to_none=True)
+        calls.clear()
+        outs = [adapter(a, b, sources, memo_for()) for a, b in targets]
+        torch.autograd.backward(
+            [t for out in outs for t in out], [g for pair in grads for g in pair]
+        )
+        return outs, [p.grad for p in adapter.parameters()], len(calls)
+
+    memo = KeyMemo()
+    shared_outs, shared_grads, shared_calls = run(lambda: memo)
+    own_outs, own_grads, own_calls = run(lambda: None)
+    branches = 2 * len(cfg.combos) * cfg.layers
+    assert len(memo.heads) == branches
+    assert own_calls == 2 * shared_calls and shared_calls >= branches
+    for (sa, sb), (oa, ob) in zip(shared_outs, own_outs, strict=True):
+        assert torch.equal(sa, oa) and torch.equal(sb, ob)
+    assert [g is None for g in shared_grads] == [g is None for g in own_grads]
+    for sg, og in zip(shared_grads, own_grads, strict=True):
+        if sg is not None:
+            torch.testing.assert_close(sg, og, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("variant", ["paper", "paper_mlp"])

@@ -207,6 +207,8 @@ def test_update_from_the_graph_kept_by_generate_equals_a_recomputed_pass(group_t
     gen_recomputed.outputs.clear()  # as for jobs beyond chunk_size rows
     pieces = random_pieces(merged, seed=5)
     pieces = {c: pieces[c] for c in ("r0", "t0")}
+    gen_kept.measure()  # the diagnostics' own pass, taken while the clients train
+    gen_recomputed.measure()
     with counting_passes(kept) as kept_passes, counting_passes(recomputed) as new_passes:
         stats = kept.update(gen_kept, pieces)
         reference = recomputed.update(gen_recomputed, pieces)
@@ -385,6 +387,21 @@ def test_transfer_effect_is_zero_untrained_and_grows_as_the_adapter_learns():
     assert min(effects) > 0
     lam = hn.adapter.mixtures()
     assert len(lam) == 1 and all(sum(f) == pytest.approx(1.0) for f in lam[0])
+
+
+def test_diagnostics_measure_the_adapter_that_generated_even_when_asked_after_the_update():
+    """Measured while the clients train, or by the update before its step: the same."""
+    bank = federation()
+    early, late = twin_hypernetworks()
+    merged, first = early.generate(bank, list(bank), round=2)
+    _, second = late.generate(bank, list(bank), round=2)
+    first.measure()
+    assert first.pending == [] and second.pending  # nothing measured yet in the second
+    pieces = random_pieces(merged, seed=3)
+    early.update(first, pieces)
+    late.update(second, pieces)  # measures first
+    assert second.pending == [] and second.diagnostics == first.diagnostics
+    assert any(d["transfer_effect"] > 0 for t in first.diagnostics.values() for d in t.values())
 
 
 def test_a_gradient_that_overflows_skips_the_step_and_changes_nothing():
