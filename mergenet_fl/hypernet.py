@@ -133,8 +133,7 @@ class Generation:
         must come before it changes (:meth:`Hypernetwork.update` calls it first); a strategy
         can call it while its clients train, off the round's critical path."""
         while self.pending:
-            for cid, layer, stats in self.pending.pop(0)():
-                self.measured.setdefault(cid, {})[layer] = stats
+            _record(self.measured, self.pending.pop(0)())
 
     @property
     def diagnostics(self) -> dict[str, dict[str, dict]]:
@@ -302,7 +301,9 @@ class Hypernetwork:
         """Merged factors ``{client: {layer: (A': (m, R), B': (R, n))}}`` and their record.
 
         When the round's target rows fit in one chunk (``chunk_size``) the passes keep their
-        autograd graph, so that :meth:`update` need not run them again.
+        autograd graph, so that :meth:`update` need not run them again, and the diagnostics
+        wait for :meth:`Generation.measure`; a larger round measures them chunk by chunk, so
+        that memory stays that of one chunk.
         """
         with torch.no_grad():
             jobs = self.plan(bank, targets)
@@ -312,6 +313,7 @@ class Hypernetwork:
         )
         merged: dict[str, dict[str, FactorPair]] = {}
         pending: list[Callable[[], list[tuple[str, str, dict]]]] = []
+        measured: dict[str, dict[str, dict]] = {}
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         keep = sum(len(job.members) for job in jobs) <= self.cfg.chunk_size
         memos: dict[int, KeyMemo] = {}  # per source set (jobs of one set share the object)
@@ -329,14 +331,16 @@ class Hypernetwork:
                     outputs[j] = (out_a, out_b)
                 out_a, out_b = out_a.detach(), out_b.detach()
                 if self.cfg.diagnostics:
-                    pending.append(
-                        partial(self._diagnose, job, rows, a, b, out_a, out_b, dict(captured))
-                    )
+                    task = partial(self._diagnose, job, rows, a, b, out_a, out_b, dict(captured))
+                    if keep:
+                        pending.append(task)
+                    else:
+                        _record(measured, task())
                 for i, row in enumerate(rows):
                     for cid in job.members[row]:
                         merged.setdefault(cid, {})[job.layer] = (out_a[i].cpu(), out_b[i].cpu())
         version = self._version()
-        return merged, Generation(round, tuple(jobs), outputs, version, pending)
+        return merged, Generation(round, tuple(jobs), outputs, version, pending, measured)
 
     @torch.no_grad()
     def _diagnose(
@@ -479,6 +483,11 @@ class Hypernetwork:
         if state["optimizer"] is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = state.get("steps", 0)
+
+
+def _record(into: dict[str, dict[str, dict]], results: list[tuple[str, str, dict]]) -> None:
+    for cid, layer, stats in results:
+        into.setdefault(cid, {})[layer] = stats
 
 
 def _chunks(rows: Sequence[int], size: int) -> list[list[int]]:

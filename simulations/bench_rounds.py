@@ -11,7 +11,8 @@ Scenarios, each in a fresh process on Flower's simulation engine (one CPU per cl
 - ``paper-local``: the same run with LocalOnly, whose server does nothing: what the app and
   Flower cost a round before any method's work.
 - ``flower-floor``: the same two nodes and stage schedule, with clients that answer at once
-  and a minimal Message-API strategy: Flower's own cost per round.
+  and a minimal Message-API strategy that pulls replies as the app's do: Flower's own cost
+  per round.
 
 ``wall_s`` spans rounds 2 to N (from the end of round 1 to the last reply: round 1 carries
 the start of Ray's worker processes, which import torch and build their clients on their first
@@ -39,6 +40,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
+
+from strategies.polling import PromptGrid
 
 SCENARIOS = ("default", "paper", "paper-local", "flower-floor")
 PAPER = ["federation=paper", "local_steps=4", "evaluate_every=10"]
@@ -141,7 +144,8 @@ def _floor(rounds: int) -> dict:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=rounds)
+        # replies pulled as the app's strategies pull them (Flower's own 0.1 s: the same floor)
+        strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord(), num_rounds=rounds)
 
     def answer(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)

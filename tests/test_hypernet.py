@@ -238,6 +238,8 @@ def test_a_graph_kept_from_before_the_adapter_changed_is_not_used():
 
 
 def test_generate_keeps_the_graph_only_of_a_round_that_fits_in_one_chunk():
+    """And leaves the diagnostics for later only then: a larger round measures as it goes,
+    holding no chunk's attention heads beyond its own."""
     bank = federation()
     targets = ["r0", "r1", "m0", "t0"]  # 5 rows: r0, r1, m0 twice (two layers), t0
     small = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=5))
@@ -247,8 +249,17 @@ def test_generate_keeps_the_graph_only_of_a_round_that_fits_in_one_chunk():
     assert not any(
         t.requires_grad for layers in merged.values() for pair in layers.values() for t in pair
     )  # what is sent carries no graph
+    assert generation.pending and not generation.measured
     large = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=4))
-    assert not large.generate(bank, targets, round=2)[1].outputs  # recomputed chunk by chunk
+    _, big = large.generate(bank, targets, round=2)
+    assert not big.outputs  # recomputed chunk by chunk
+    assert not big.pending and big.diagnostics.keys() == generation.diagnostics.keys()
+    for cid, layers in big.diagnostics.items():
+        for layer, stats in layers.items():
+            assert stats["transfer_effect"] == 0.0  # the same untrained adapter
+            assert stats["attention"] == pytest.approx(
+                generation.diagnostics[cid][layer]["attention"]
+            )
 
 
 def steps_towards(hn, bank, goals, steps):
