@@ -508,7 +508,8 @@ class LPKA(nn.Module):
     @contextmanager
     def capturing(self, enabled: bool = True) -> Iterator[dict]:
         """Forward passes inside keep what :meth:`attention_shares` needs, in the dict this
-        yields (branch path -> query and key heads: references, no copies)."""
+        yields (branch path -> query and key heads: references, no copies); the dict stays
+        the caller's after the block."""
         self.capture.on, self.capture.heads = enabled, {}
         try:
             yield self.capture.heads

@@ -55,8 +55,9 @@ class HypernetConfig:
     most target rows of a round whose autograd graph :meth:`Hypernetwork.generate` keeps for
     it (memory).
     ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
-    ``diagnostics``: measure each target's ``transfer_effect`` and attention shares when
-    generating (one more adapter pass per batch of targets).
+    ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
+    adapter pass per batch of targets that has sources of its own group), when
+    :meth:`Generation.measure` asks, or chunk by chunk while generating a larger round.
     """
 
     adapter: AdapterConfig = AdapterConfig()
@@ -331,7 +332,7 @@ class Hypernetwork:
                     outputs[j] = (out_a, out_b)
                 out_a, out_b = out_a.detach(), out_b.detach()
                 if self.cfg.diagnostics:
-                    task = partial(self._diagnose, job, rows, a, b, out_a, out_b, dict(captured))
+                    task = partial(self._diagnose, job, rows, a, b, out_a, out_b, captured)
                     if keep:
                         pending.append(task)
                     else:
