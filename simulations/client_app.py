@@ -64,15 +64,35 @@ def _decode_train_state(values: dict[str, Any]) -> TrainState:
     return TrainState(int(values["epoch"]), int(values["batch"]), optimizer)
 
 
+def _values(modules: list[torch.nn.Module]) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """A copy of every parameter's value: what the server installs shows as a change."""
+    return {p: p.detach().clone() for m in modules for p in m.parameters()}
+
+
+def scored_model(cfg: ExperimentConfig, work: Workload) -> torch.nn.Module:
+    """The client's model as it is scored and embedded: with ``bn_calibration``, a copy whose
+    BatchNorm statistics are re-estimated on the training set (the model stays as trained)."""
+    if not cfg.bn_calibration:
+        return work.model
+    device = resolve_device(cfg.device)
+    return calibrated_batchnorm(
+        work.model, work.train_set, cfg.eval_batch_size, device, cfg.numerics()
+    )
+
+
 def embed(cfg: ExperimentConfig, work: Workload) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(features, logits, labels)`` of the client's training set under its model in eval
-    mode, with BatchNorm re-estimated on that set first, as for evaluation: a few local steps
-    leave the running statistics off the weights' scale, and class means of such features or
-    logits would pull every client off scale (FD diverged to non-finite logits so)."""
-    device = resolve_device(cfg.device)
-    batch = cfg.batch_size * 2
-    model = calibrated_batchnorm(work.model, work.train_set, batch, device)
-    return work.task.embed(model, work.train_set, work.head, batch_size=batch, device=device)
+    mode, as it is scored (:func:`scored_model`): a few local steps leave the running
+    statistics off the weights' scale, and class means of such features or logits would pull
+    every client off scale (FD diverged to non-finite logits so)."""
+    return work.task.embed(
+        scored_model(cfg, work),
+        work.train_set,
+        work.head,
+        batch_size=cfg.eval_batch_size,
+        device=resolve_device(cfg.device),
+        numerics=cfg.numerics(),
+    )
 
 
 def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> ClientApp:
@@ -112,8 +132,13 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         for name, module in extension.modules().items():  # kept from the node's last round
             mc.load_local_model(context, module, key=f"{EXTENSION_KEY}.{name}")
         start = time.perf_counter()
+        if cfg.optimizer_state == "fresh":  # a new optimiser every round, as HtFLlib and Flower
+            work.train_state.optimizer = None
+        modules = [work.model, *extension.modules().values()]
+        before = _values(modules) if work.train_state.optimizer is not None else {}
         mc.load_group(msg, work.model)
         extension.begin(msg, work.model)
+        installed = [param for param, value in before.items() if not torch.equal(param, value)]
         overhead = time.perf_counter() - start
         partition_id = int(context.node_config["partition-id"])
         steps = cfg.local_steps
@@ -130,6 +155,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             device=resolve_device(cfg.device),
             extension=extension if extension.adds_loss else None,
             head=work.head,
+            numerics=cfg.numerics(),
+            installed=installed,
         )
         work.model.cpu()  # factors and replies are built on the CPU
         start = time.perf_counter()
@@ -165,15 +192,11 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         cfg, work = workload(context)
         device = resolve_device(cfg.device)
         start = time.perf_counter()
-        # BatchNorm re-estimated once for both test sets (a copy: the model stays as trained)
-        model = calibrated_batchnorm(work.model, work.train_set, cfg.batch_size * 2, device)
-        metrics = work.task.evaluate(
-            model, work.eval_set, batch_size=cfg.batch_size * 2, device=device
-        )
+        model = scored_model(cfg, work)  # BatchNorm re-estimated once for both test sets
+        scoring = dict(batch_size=cfg.eval_batch_size, device=device, numerics=cfg.numerics())
+        metrics = work.task.evaluate(model, work.eval_set, **scoring)
         if work.data.global_set is not None:  # eval_split=local: the global test as well
-            uniform = work.task.evaluate(
-                model, work.data.global_set, batch_size=cfg.batch_size * 2, device=device
-            )
+            uniform = work.task.evaluate(model, work.data.global_set, **scoring)
             metrics.update({f"global_{k}": uniform[k] for k in GLOBAL_METRICS if k in uniform})
         work.model.cpu()
         metrics = {

@@ -21,6 +21,7 @@ from torch import nn
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig, SelectedLayer
 from simulations.models import ARCHITECTURES, build_model
+from simulations.numerics import PRECISIONS, Numerics
 from simulations.tasks import resolve_device
 from strategies import (
     FD,
@@ -51,6 +52,7 @@ PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
+OPTIMIZER_STATES = ("fresh", "kept")
 
 
 class ConfigError(ValueError):
@@ -103,6 +105,11 @@ class ExperimentConfig:
     local_steps: int | None = None  # batches per round instead of local_epochs
     evaluate_every: int = 1
     device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = True
+    eval_batch_size: int = 256
+    bn_calibration: bool = True
+    optimizer_state: str = "fresh"
     node_wait: float = 60.0
     allow_failed_clients: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -126,6 +133,10 @@ class ExperimentConfig:
     def peers(self, dataset: str) -> list[ClientGroup]:
         """The group of every client that trains on ``dataset``, in partition order."""
         return [c for c in self.clients for _ in range(c.count) if c.dataset == dataset]
+
+    def numerics(self) -> Numerics:
+        """How this machine's clients compute (``auto`` resolved for :attr:`device`)."""
+        return Numerics.resolve(self.precision, self.channels_last, resolve_device(self.device))
 
     def hypernet(self) -> HypernetConfig:
         s = self.strategy
@@ -271,6 +282,23 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         f"device must be one of {DEVICES}, got {raw.get('device')!r}",
     )
     need(
+        raw.get("precision", "fp32") in PRECISIONS,
+        f"precision must be one of {PRECISIONS}, got {raw.get('precision')!r}",
+    )
+    need(
+        isinstance(raw.get("eval_batch_size", 256), int) and raw.get("eval_batch_size", 256) >= 1,
+        f"eval_batch_size must be an integer >= 1, got {raw.get('eval_batch_size')!r}",
+    )
+    need(
+        raw.get("optimizer_state", "fresh") in OPTIMIZER_STATES,
+        f"optimizer_state must be one of {OPTIMIZER_STATES}, got {raw.get('optimizer_state')!r}",
+    )
+    for key in ("channels_last", "bn_calibration"):
+        need(
+            isinstance(raw.get(key, True), bool),
+            f"{key} must be true or false, got {raw.get(key)!r}",
+        )
+    need(
         isinstance(raw.get("node_wait", 60), (int, float)) and raw.get("node_wait", 60) > 0,
         f"node_wait must be a number of seconds > 0, got {raw.get('node_wait')!r}",
     )
@@ -387,6 +415,11 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         local_steps=raw.get("local_steps"),
         evaluate_every=int(raw.get("evaluate_every", 1)),
         device=str(raw.get("device", "auto")),
+        precision=str(raw.get("precision", "fp32")),
+        channels_last=bool(raw.get("channels_last", True)),
+        eval_batch_size=int(raw.get("eval_batch_size", 256)),
+        bn_calibration=bool(raw.get("bn_calibration", True)),
+        optimizer_state=str(raw.get("optimizer_state", "fresh")),
         node_wait=float(raw.get("node_wait", 60)),
         allow_failed_clients=bool(raw.get("allow_failed_clients", False)),
         raw=raw,

@@ -13,10 +13,13 @@ Every task kind implements the :class:`Task` protocol and is selected by name wi
   ``end_logits``; the dataset must be a :class:`simulations.data.QADataset` (or a
   ``torch.utils.data.Subset`` of one). AdamW.
 
+Every loop takes a :class:`~simulations.numerics.Numerics`: the forward passes run under its
+autocast (bf16 or fp32) and convolutional models in its layout; losses are computed in fp32.
+
 A round trains for a number of batches (``steps``, the paper's time unit) or whole
-``epochs``. A :class:`TrainState` carries a client's place in its shuffled data and its
-optimiser state from one round to the next, so 4-batch rounds still walk through the whole
-partition, epoch after epoch, as one continuous training run would.
+``epochs``. A :class:`TrainState` carries a client's place in its shuffled data (and, where
+the caller keeps it, its optimiser state) from one round to the next, so 4-batch rounds still
+walk through the whole partition, epoch after epoch, as one continuous training run would.
 
 Training is deterministic for a given ``seed`` on CPU: epoch ``e`` visits the rows in a
 permutation seeded with ``(data_seed, e)``, and the loop runs under
@@ -32,8 +35,8 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -45,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from simulations.data import QADataset
+from simulations.numerics import Numerics
 from strategies.extension import ClientExtension
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ __all__ = [
 ]
 
 Device = str | torch.device
+FP32 = Numerics()  # fp32 in PyTorch's default layout
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ class Task(Protocol):
         device: Device = "cpu",
         extension: ClientExtension | None = None,
         head: str | None = None,
+        numerics: Numerics = FP32,
+        installed: Collection[nn.Parameter] = (),
     ) -> dict[str, float]:
         """Train ``model`` in place; return ``train_loss``, ``train_seconds``, ``num_examples``."""
         ...
@@ -208,6 +215,7 @@ class Task(Protocol):
         batch_size: int,
         device: Device = "cpu",
         calibrate_on: Dataset | None = None,
+        numerics: Numerics = FP32,
     ) -> dict[str, float]:
         """Evaluate ``model``; return ``loss``, task metrics, ``chance``, ``top_share``,
         ``eval_seconds`` and ``num_examples``."""
@@ -242,7 +250,7 @@ def head_inputs(model: nn.Module, head: str | None) -> Iterator[None]:
         return
 
     def keep(module: nn.Module, args: tuple) -> None:
-        setattr(model, HEAD_INPUT, args[0])
+        setattr(model, HEAD_INPUT, args[0].float())  # a method's loss terms stay in fp32
 
     handle = model.get_submodule(head).register_forward_pre_hook(keep)
     try:
@@ -322,6 +330,8 @@ class _SupervisedTask:
         device: Device = "cpu",
         extension: ClientExtension | None = None,
         head: str | None = None,
+        numerics: Numerics = FP32,
+        installed: Collection[nn.Parameter] = (),
     ) -> dict[str, float]:
         """Train ``model`` in place on ``dataset`` for ``steps`` batches or ``epochs`` passes.
 
@@ -352,6 +362,12 @@ class _SupervisedTask:
             added to every batch's loss (``head``: the module whose input are the features),
             and its :meth:`~strategies.extension.ClientExtension.modules` train with the model
             (one optimiser, whose state ``state`` carries).
+        numerics : Numerics
+            Precision of the forward passes and layout of convolutional models.
+        installed : collection of nn.Parameter
+            Parameters whose values came from elsewhere since ``state`` was saved (the server
+            installed them): their optimiser state is dropped, so that no stale momentum
+            drags them back along the client's old trajectory.
 
         Returns
         -------
@@ -385,20 +401,27 @@ class _SupervisedTask:
         )
         dev = torch.device(device)
         modules = [model, *(extension.modules().values() if extension is not None else ())]
-        params = [p for m in modules for p in m.to(dev).train().parameters() if p.requires_grad]
-        optimizer = self._optimizer(params, lr)
-        if state.optimizer is not None:
-            optimizer.load_state_dict(state.optimizer)
         start = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        capture = head_inputs(model, head) if extension is not None else nullcontext()
-        with _seeded(seed, dev), capture:
+        with ExitStack() as stack:
+            for module in modules:
+                stack.enter_context(numerics.layout(module.to(dev)))
+            params = [p for m in modules for p in m.train().parameters() if p.requires_grad]
+            optimizer = self._optimizer(params, lr)
+            if state.optimizer is not None:
+                optimizer.load_state_dict(state.optimizer)
+                for param in installed:
+                    optimizer.state.pop(param, None)
+            stack.enter_context(_seeded(seed, dev))
+            if extension is not None:
+                stack.enter_context(head_inputs(model, head))
             for batch in self._loader(dataset, batches, dev):
-                if extension is None:
-                    loss, size = self._batch_loss(model, batch, dev)
-                    total = loss
-                else:
-                    loss, total, size = self._extended_loss(model, batch, dev, extension)
+                with numerics.autocast(dev):
+                    if extension is None:
+                        loss, size = self._batch_loss(model, batch, dev)
+                        total = loss
+                    else:
+                        loss, total, size = self._extended_loss(model, batch, dev, extension)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if self.config.max_grad_norm is not None:
@@ -426,6 +449,7 @@ class _SupervisedTask:
         batch_size: int,
         device: Device = "cpu",
         calibrate_on: Dataset | None = None,
+        numerics: Numerics = FP32,
     ) -> dict[str, float]:
         """Evaluate ``model`` (left in eval mode on ``device``); see subclasses."""
         raise NotImplementedError
@@ -436,14 +460,19 @@ class _SupervisedTask:
 # --------------------------------------------------------------------------------------
 
 
-BN_CALIBRATION_BATCHES = 20
+BN_CALIBRATION_ROWS = 1280
 
 
 def calibrated_batchnorm(
-    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    numerics: Numerics = FP32,
 ) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm statistics are re-estimated on ``dataset`` (at most
-    :data:`BN_CALIBRATION_BATCHES` batches, in order); ``model`` itself if it has none.
+    """A copy of ``model`` whose BatchNorm statistics are re-estimated on ``dataset`` (its
+    first :data:`BN_CALIBRATION_ROWS` rows, in batches of ``batch_size``); ``model`` itself if
+    it has none.
 
     A few local steps leave the running statistics (momentum 0.1) behind the weights, and
     eval-mode accuracy near chance; evaluation scores a calibrated copy ("precise BN"), so
@@ -453,10 +482,11 @@ def calibrated_batchnorm(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
     ):
         return model
-    rows = list(range(min(len(dataset), BN_CALIBRATION_BATCHES * batch_size)))
+    rows = list(range(min(len(dataset), BN_CALIBRATION_ROWS)))
     loader = DataLoader(Subset(dataset, rows), batch_size=batch_size)
     copy = deepcopy(model).to(device)
-    with _seeded(0, device):  # augmentation draws
+    # seeded: the augmentation draws
+    with _seeded(0, device), numerics.layout(copy), numerics.autocast(device):
         torch.optim.swa_utils.update_bn(loader, copy, device=device)
     return copy
 
@@ -494,25 +524,34 @@ class _ClassificationTask(_SupervisedTask):
         extra = extension.loss(features, logits, labels, forward)
         return loss, loss if extra is None else loss + extra, labels.shape[0]
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference mode: class means of these become targets of a loss
     def embed(
-        self, model: nn.Module, dataset: Dataset, head: str, *, batch_size: int, device: Device
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        head: str,
+        *,
+        batch_size: int,
+        device: Device,
+        numerics: Numerics = FP32,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(features: (B, d), logits: (B, C), labels: (B,))`` of ``dataset`` under ``model``
-        in eval mode; the features are the input of the module ``head``. A training set's
-        augmentation draws are seeded, so that the same model gives the same embedding."""
+        in eval mode, in fp32; the features are the input of the module ``head``. A training
+        set's augmentation draws are seeded, so that the same model gives the same
+        embedding."""
         dev = torch.device(device)
         was_training = model.training
         model.to(dev).eval()
         try:
-            with head_inputs(model, head), _seeded(0, dev):  # augmentation draws: reproducible
+            # seeded: a training set's augmentation draws are reproducible
+            with head_inputs(model, head), _seeded(0, dev), numerics.layout(model):
                 for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                    logits, labels = self._logits_and_labels(model, batch, dev)
+                    with numerics.autocast(dev):
+                        logits, labels = self._logits_and_labels(model, batch, dev)
                     yield getattr(model, HEAD_INPUT), logits, labels
         finally:
             model.train(was_training)
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: nn.Module,
@@ -521,6 +560,7 @@ class _ClassificationTask(_SupervisedTask):
         batch_size: int,
         device: Device = "cpu",
         calibrate_on: Dataset | None = None,
+        numerics: Numerics = FP32,
     ) -> dict[str, float]:
         """Evaluate a classifier.
 
@@ -538,19 +578,21 @@ class _ClassificationTask(_SupervisedTask):
         start = time.perf_counter()
         dev = torch.device(device)
         if calibrate_on is not None:
-            model = calibrated_batchnorm(model, calibrate_on, batch_size, dev)
-        model.to(dev).eval()
+            model = calibrated_batchnorm(model, calibrate_on, batch_size, dev, numerics)
+        model.to(dev).eval()  # before inference mode: parameters moved there could not train
         loss_sum, correct, seen = 0.0, 0, 0
         labels_seen: Counter[int] = Counter()
         predicted: Counter[int] = Counter()
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            logits, labels = self._logits_and_labels(model, batch, dev)
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            predictions = logits.argmax(dim=1)
-            correct += int((predictions == labels).sum().item())
-            seen += labels.shape[0]
-            labels_seen.update(labels.tolist())
-            predicted.update(predictions.tolist())
+        with numerics.layout(model), torch.inference_mode():
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                with numerics.autocast(dev):
+                    logits, labels = self._logits_and_labels(model, batch, dev)
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                predictions = logits.argmax(dim=1)
+                correct += int((predictions == labels).sum().item())
+                seen += labels.shape[0]
+                labels_seen.update(labels.tolist())
+                predicted.update(predictions.tolist())
         if seen == 0:
             return _EMPTY_EVALUATION | {"accuracy": 0.0}
         return {
@@ -577,7 +619,7 @@ class ImageClassificationTask(_ClassificationTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         images = images.to(device, non_blocking=True)
-        return model(images), labels.to(device, non_blocking=True)
+        return model(images).float(), labels.to(device, non_blocking=True)
 
 
 class TextClassificationTask(_ClassificationTask):
@@ -599,7 +641,7 @@ class TextClassificationTask(_ClassificationTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = _to_device(_trim_padding(batch), device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.logits, batch["labels"]
+        return out.logits.float(), batch["labels"]
 
 
 # --------------------------------------------------------------------------------------
@@ -737,6 +779,7 @@ class ExtractiveQATask(_SupervisedTask):
     ) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
         batch = _to_device(_trim_padding(batch), device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.start_logits, out.end_logits = out.start_logits.float(), out.end_logits.float()
         loss = 0.5 * (
             F.cross_entropy(out.start_logits, batch["start_positions"])
             + F.cross_entropy(out.end_logits, batch["end_positions"])
@@ -749,7 +792,6 @@ class ExtractiveQATask(_SupervisedTask):
         _, _, loss = self._forward(model, batch, device)
         return loss, batch["input_ids"].shape[0]
 
-    @torch.no_grad()
     def evaluate(
         self,
         model: nn.Module,
@@ -758,6 +800,7 @@ class ExtractiveQATask(_SupervisedTask):
         batch_size: int,
         device: Device = "cpu",
         calibrate_on: Dataset | None = None,
+        numerics: Numerics = FP32,
     ) -> dict[str, float]:
         """Evaluate a QA model.
 
@@ -774,30 +817,34 @@ class ExtractiveQATask(_SupervisedTask):
         start_time = time.perf_counter()
         base = _base_qa_dataset(dataset)
         dev = torch.device(device)
-        model.to(dev).eval()
+        model.to(dev).eval()  # before inference mode: parameters moved there could not train
         loss_sum, em_sum, f1_sum, seen, impossible, abstained = 0.0, 0.0, 0.0, 0, 0, 0
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            on_dev, out, loss = self._forward(model, batch, dev)
-            size = on_dev["input_ids"].shape[0]
-            starts, ends = decode_best_span(
-                out.start_logits, out.end_logits, on_dev["context_mask"], self.max_answer_length
-            )
-            offsets = batch["offsets"]
-            for row, (s, e, idx) in enumerate(
-                zip(starts.tolist(), ends.tolist(), batch["example_index"].tolist(), strict=True)
-            ):
-                example = base.examples[idx]
-                pred = (
-                    ""
-                    if s == 0
-                    else example.context[int(offsets[row, s, 0]) : int(offsets[row, e, 1])]
+        with torch.inference_mode():
+            for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                with numerics.autocast(dev):
+                    on_dev, out, loss = self._forward(model, batch, dev)
+                size = on_dev["input_ids"].shape[0]
+                starts, ends = decode_best_span(
+                    out.start_logits, out.end_logits, on_dev["context_mask"], self.max_answer_length
                 )
-                impossible += not example.answer_texts
-                abstained += s == 0
-                em_sum += squad_exact_match(pred, example.answer_texts)
-                f1_sum += squad_f1(pred, example.answer_texts)
-            loss_sum += loss.item() * size
-            seen += size
+                offsets = batch["offsets"]
+                for row, (s, e, idx) in enumerate(
+                    zip(
+                        starts.tolist(), ends.tolist(), batch["example_index"].tolist(), strict=True
+                    )
+                ):
+                    example = base.examples[idx]
+                    pred = (
+                        ""
+                        if s == 0
+                        else example.context[int(offsets[row, s, 0]) : int(offsets[row, e, 1])]
+                    )
+                    impossible += not example.answer_texts
+                    abstained += s == 0
+                    em_sum += squad_exact_match(pred, example.answer_texts)
+                    f1_sum += squad_f1(pred, example.answer_texts)
+                loss_sum += loss.item() * size
+                seen += size
         if seen == 0:
             return _EMPTY_EVALUATION | {"em": 0.0, "f1": 0.0}
         return {

@@ -1,6 +1,7 @@
-"""The server benchmark runs and reports what the issue asks for (numbers are not checked)."""
+"""The benchmarks run and report what they promise (numbers are not checked)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,43 @@ def test_flower_floor_scenario_prints_its_numbers():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["scenario"] == "flower-floor" and result["rounds"] == 2
     assert result["compute_s"] == 0.0 and 0 < result["wall_s"] < 60
+
+
+def test_training_benchmark_prints_every_arch_batch_and_precision():
+    cmd = [sys.executable, "-m", "simulations.bench_train", "--part", "steps", "--archs", "cnn4"]
+    proc = subprocess.run(
+        [*cmd, "--batch-sizes", "2", "4", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    combos = {(x["batch_size"], x["precision"], x["channels_last"]) for x in lines}
+    assert combos == {(b, p, c) for b in (2, 4) for p in ("fp32", "bf16") for c in (False, True)}
+    assert all(x["arch"] == "cnn4" and x["images_per_s"] > 0 for x in lines)
+    assert all(
+        x["ms_per_step"] * x["images_per_s"] == pytest.approx(1000 * x["batch_size"], rel=0.01)
+        for x in lines
+    )
+    assert {type(x["bf16_is_fast"]) for x in lines} == {bool}
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_the_federation_and_the_plain_loop_on_the_same_images():
+    cmd = [sys.executable, "-m", "simulations.bench_train", "--part", "federation"]
+    proc = subprocess.run(
+        [*cmd, "--federation", "tiny_htfe", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    assert result["federation"] == "tiny_htfe" and result["clients"] == 2
+    assert result["images"] == result["plain_images"] == 2 * 128  # round 2: one epoch each
+    assert result["federation_images_per_s"] > 0 and result["plain_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["federation_images_per_s"] / result["plain_images_per_s"], rel=0.01
+    )

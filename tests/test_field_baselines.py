@@ -469,11 +469,10 @@ def test_class_means_come_from_the_model_with_batchnorm_re_estimated_as_for_eval
     work = build_workload(cfg, 0)  # cnn4: BatchNorm
     work.task.train(work.model, work.train_set, steps=2, batch_size=16, seed=0)
     _, logits, _ = next(iter(embed(cfg, work)))
-    calibrated = calibrated_batchnorm(work.model, work.train_set, 64, torch.device("cpu"))
-    _, expected, _ = next(
-        iter(work.task.embed(calibrated, work.train_set, "fc", batch_size=64, device="cpu"))
+    scoring = dict(batch_size=cfg.eval_batch_size, device="cpu", numerics=cfg.numerics())
+    calibrated = calibrated_batchnorm(
+        work.model, work.train_set, cfg.eval_batch_size, torch.device("cpu"), cfg.numerics()
     )
-    _, stale, _ = next(
-        iter(work.task.embed(work.model, work.train_set, "fc", batch_size=64, device="cpu"))
-    )
+    _, expected, _ = next(iter(work.task.embed(calibrated, work.train_set, "fc", **scoring)))
+    _, stale, _ = next(iter(work.task.embed(work.model, work.train_set, "fc", **scoring)))
     assert torch.allclose(logits, expected) and not torch.allclose(logits, stale, atol=1e-3)

@@ -1,0 +1,226 @@
+"""Benchmark client training throughput: one JSON object per line.
+
+    python -m simulations.bench_train                      # steps, then the federation
+    python -m simulations.bench_train --part steps --archs cnn4 --batch-sizes 10
+    python -m simulations.bench_train --part federation --rounds 6
+
+``steps``: one line per (arch, batch size, precision, layout): ``images_per_s`` of the
+project's own training loop (:meth:`simulations.tasks.ImageClassificationTask.train`) on
+random 32×32 images, one thread, after a warm-up call; every combination in this one process
+so that the ratios are stable. ``bf16_is_fast`` says whether this machine has native bf16.
+
+``federation``: the same training through the federation (``htfe4``, 20 clients, by default;
+any federation of image classifiers with ``--federation``; LocalOnly,
+evaluated only after the last round) on Flower's simulation engine, against a plain PyTorch
+loop over the same clients and the same batches (same data, augmentation, optimiser, numerics)
+in as many one-thread processes as the simulation runs clients at once. Both count rounds 2
+to N (round 1 carries the start of Ray's workers); ``ratio`` is the federation's throughput
+over the plain loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from simulations.config import compose
+from simulations.federation import build_workload
+from simulations.models import build_model
+from simulations.numerics import Numerics, bf16_is_fast
+from simulations.run import simulate
+from simulations.tasks import TrainState, get_task, plan_batches
+from strategies.runlog import read_lines
+
+ARCHS = ("cnn4", "convnet5", "convnet6", "resnet8_f512")
+
+
+def step_throughput(
+    arch: str, batch_size: int, numerics: Numerics, steps: int, seed: int = 0
+) -> dict:
+    """Images per second of ``steps`` training batches of ``arch`` (after a warm-up call)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = batch_size * steps
+    data = TensorDataset(
+        torch.randn(rows, 3, 32, 32, generator=gen), torch.randint(0, 10, (rows,), generator=gen)
+    )
+    model = build_model(arch, 10, seed=seed)
+    task = get_task("image_classification")
+    state = TrainState()
+    run = dict(batch_size=batch_size, seed=seed, state=state, numerics=numerics)
+    task.train(model, data, steps=3, **run)  # warm-up: kernels chosen, buffers allocated
+    seconds = task.train(model, data, steps=steps, **run)["train_seconds"]
+    return {
+        "part": "steps",
+        "arch": arch,
+        "batch_size": batch_size,
+        "precision": numerics.precision,
+        "channels_last": numerics.channels_last,
+        "steps": steps,
+        "ms_per_step": round(1000 * seconds / steps, 2),
+        "images_per_s": round(rows / seconds, 1),
+    }
+
+
+def steps_part(archs: list[str], batch_sizes: list[int], steps: int) -> None:
+    torch.set_num_threads(1)
+    fast = bf16_is_fast(torch.device("cpu"))
+    for arch in archs:
+        for batch_size in batch_sizes:
+            for precision in ("fp32", "bf16"):
+                for channels_last in (False, True):
+                    numerics = Numerics(precision, channels_last)
+                    line = step_throughput(arch, batch_size, numerics, steps)
+                    print(json.dumps({**line, "bf16_is_fast": fast, "threads": 1}), flush=True)
+
+
+def federation_overrides(federation: str, rounds: int) -> list[str]:
+    return [
+        f"federation={federation}",
+        "strategy=local",
+        f"num_rounds={rounds}",
+        f"evaluate_every={rounds}",
+        "checkpoint=false",
+    ]
+
+
+def _plain_worker(overrides: list[str], partitions: list[int], rounds: int, queue) -> None:
+    """Train ``partitions`` for rounds 1..``rounds`` as a plain loop; put (images, seconds)
+    of rounds 2..N on ``queue``."""
+    torch.set_num_threads(1)
+    cfg = compose(overrides)
+    numerics = cfg.numerics()
+    works = {pid: build_workload(cfg, pid) for pid in partitions}
+    states = {pid: TrainState() for pid in partitions}
+    images, start = 0, 0.0
+    for server_round in range(1, rounds + 1):
+        if server_round == 2:
+            start = time.perf_counter()
+        for pid, work in works.items():
+            data_seed = cfg.seed * 100_003 + pid * 1009  # as the ClientApp seeds its client
+            state = states[pid]
+            config = work.task.config
+            steps = cfg.local_steps or cfg.local_epochs * -(-len(work.train_set) // cfg.batch_size)
+            batches = plan_batches(len(work.train_set), cfg.batch_size, steps, state, data_seed)
+            model = work.model.train()
+            with numerics.layout(model):
+                optimizer = torch.optim.SGD(
+                    model.parameters(),
+                    lr=work.lr or config.lr,
+                    momentum=config.momentum,
+                    weight_decay=config.weight_decay,
+                )
+                if state.optimizer is not None:
+                    optimizer.load_state_dict(state.optimizer)
+                torch.manual_seed(data_seed + server_round)
+                for x, y in DataLoader(work.train_set, batch_sampler=batches):
+                    with numerics.autocast(torch.device("cpu")):
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    images += len(y) if server_round > 1 else 0
+                state.optimizer = optimizer.state_dict()
+    queue.put((images, time.perf_counter() - start))
+
+
+def plain_loop(overrides: list[str], num_clients: int, workers: int, rounds: int) -> dict:
+    """The plain loop's throughput in ``workers`` processes, clients dealt round-robin."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_plain_worker,
+            args=(overrides, list(range(w, num_clients, workers)), rounds, queue),
+        )
+        for w in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    images = sum(r[0] for r in results)
+    seconds = max(r[1] for r in results)
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
+
+
+def federated(overrides: list[str]) -> dict:
+    """Throughput of the same run on Flower's simulation engine: training images of rounds
+    2..N over the wall time from the end of round 1's training to the end of round N's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose([*overrides, f"output_dir={tmp}"])
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        simulate(cfg, run_dir)
+        lines = read_lines(run_dir)
+    ends = {
+        line["round"]: line["server"]["stage_end"]
+        for line in lines
+        if "server" in line and line.get("stage") == "train"
+    }
+    seconds = ends[cfg.num_rounds] - ends[1]
+    rows = sum(len(build_workload(cfg, pid).train_set) for pid in range(cfg.num_clients))
+    images = rows * cfg.local_epochs * (cfg.num_rounds - 1)  # every epoch visits every row
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
+
+
+def federation_part(federation: str, rounds: int) -> None:
+    overrides = federation_overrides(federation, rounds)
+    cfg = compose(overrides)
+    if cfg.local_steps is not None:
+        raise SystemExit("the federation part counts whole local epochs (local_steps is set)")
+    if any(c.task != "image_classification" for c in cfg.clients):
+        raise SystemExit(f"the plain loop trains image classifiers; {federation} has others")
+    workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    fed = federated(overrides)
+    plain = plain_loop(overrides, cfg.num_clients, workers, rounds)
+    print(
+        json.dumps(
+            {
+                "part": "federation",
+                "federation": federation,
+                "clients": cfg.num_clients,
+                "rounds_measured": rounds - 1,
+                "workers": workers,
+                "precision": cfg.numerics().precision,
+                "channels_last": cfg.channels_last,
+                "federation_images_per_s": round(fed["images_per_s"], 1),
+                "federation_seconds": fed["seconds"],
+                "plain_images_per_s": round(plain["images_per_s"], 1),
+                "plain_seconds": plain["seconds"],
+                "images": fed["images"],
+                "plain_images": plain["images"],
+                "ratio": round(fed["images_per_s"] / plain["images_per_s"], 3),
+            }
+        ),
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("all", "steps", "federation"), default="all")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
+    parser.add_argument("--steps", type=int, default=12, help="timed batches per combination")
+    parser.add_argument("--rounds", type=int, default=6, help="federation rounds (2..N timed)")
+    parser.add_argument("--federation", default="htfe4", help="an image federation of conf/")
+    args = parser.parse_args()
+    if args.part in ("all", "steps"):
+        steps_part(args.archs, args.batch_sizes, args.steps)
+    if args.part in ("all", "federation"):
+        federation_part(args.federation, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

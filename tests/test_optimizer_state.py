@@ -1,0 +1,105 @@
+"""Optimiser state across rounds: fresh by default; kept, with no stale momentum on what the
+server installed."""
+
+import pytest
+import torch
+
+from harness import FakeGrid, app_nodes, set_task_identity
+from simulations.client_app import make_client_app
+from simulations.config import ConfigError, compose
+from simulations.server_app import run_server
+from simulations.tasks import ImageClassificationTask, TrainState, get_task
+
+
+def data(n: int = 32) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def test_an_installed_parameter_starts_without_momentum_and_the_others_keep_theirs():
+    task = get_task("image_classification")  # SGD, momentum 0.9
+    run = dict(batch_size=32, seed=0, steps=1, lr=0.1)
+
+    def trained_twice(installed: bool) -> torch.nn.Linear:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        state = TrainState()
+        task.train(model, data(), state=state, **run)
+        with torch.no_grad():
+            model.weight.copy_(torch.full_like(model.weight, 0.5))  # the server installs it
+        task.train(model, data(), state=state, installed=[model.weight] if installed else (), **run)
+        return model
+
+    def first_step_from(weight_value: float, bias: torch.Tensor) -> torch.nn.Linear:
+        model = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            model.weight.fill_(weight_value)
+            model.bias.copy_(bias)
+        task.train(model, data(), state=TrainState(), **run)  # a fresh optimiser's step
+        return model
+
+    dropped, kept = trained_twice(True), trained_twice(False)
+    # the bias was not installed: both runs carry its momentum alike
+    assert torch.equal(dropped.bias, kept.bias)
+    # the installed weight moved like a fresh optimiser's first step from 0.5, not further
+    torch.manual_seed(0)
+    first = torch.nn.Linear(4, 2)
+    task.train(first, data(), state=TrainState(), **run)
+    fresh = first_step_from(0.5, first.bias.detach().clone())
+    assert torch.allclose(dropped.weight, fresh.weight, atol=1e-6)
+    assert not torch.allclose(kept.weight, fresh.weight, atol=1e-4)  # stale momentum acted
+
+
+def record_training(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    train = ImageClassificationTask.train
+
+    def recording(self, model, dataset, **kwargs):
+        state = kwargs["state"]
+        names = {id(p): n for n, p in model.named_parameters()}
+        calls.append(
+            {
+                "state": state.optimizer is not None,
+                "installed": sorted(names.get(id(p), "?") for p in kwargs.get("installed", ())),
+            }
+        )
+        return train(self, model, dataset, **kwargs)
+
+    monkeypatch.setattr(ImageClassificationTask, "train", recording)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["fresh", "kept"])
+def test_the_client_drops_momentum_of_what_the_group_average_replaced(tmp_path, mode, monkeypatch):
+    set_task_identity()
+    cfg = compose(
+        ["federation=tiny_htfe", "federation.clients.0.count=2", "strategy=groupfedavg"]
+        + ["federation.examples_per_client=32", "federation.test_examples=32"]
+        + ["federation.clients.1.arch=convnet5"]  # cheaper than ResNet-18, one head shape too
+        + ["num_rounds=2", "local_steps=2", "evaluate_every=2", f"optimizer_state={mode}"]
+    )
+    calls = record_training(monkeypatch)
+    nodes = app_nodes(make_client_app(lambda context: cfg), cfg.num_clients)
+    run_server(FakeGrid(nodes), cfg, tmp_path)
+    assert len(calls) == 2 * cfg.num_clients
+    first, second = calls[: cfg.num_clients], calls[cfg.num_clients :]
+    assert not any(c["state"] for c in first)
+    if mode == "fresh":
+        assert not any(c["state"] or c["installed"] for c in second)
+        return
+    assert all(c["state"] for c in second)
+    installed = sorted(c["installed"] for c in second)
+    # the two cnn4 members received their group's mean: every parameter changed; the lone
+    # convnet5's group mean is its own model: nothing was installed
+    assert installed[0] == []
+    assert (
+        installed[1] == installed[2]
+        and "fc.weight" in installed[1]
+        and "conv1.weight" in installed[1]
+    )
+
+
+def test_an_unknown_optimizer_state_is_refused():
+    with pytest.raises(ConfigError, match="optimizer_state must be one of"):
+        compose("optimizer_state=stale")
