@@ -518,18 +518,24 @@ class LPKA(nn.Module):
 
     @torch.no_grad()
     def attention_shares(
-        self, captured: dict, sources: SourceTokens, num_sources: int
+        self, captured: dict, sources: SourceTokens, columns: torch.Tensor
     ) -> torch.Tensor | None:
-        """How much attention each source layer received in a forward pass run under
-        :meth:`capturing` (``captured``: what it yielded; the adapter's parameters unchanged
-        since): ``(N, num_sources)``, rows sum to 1.
+        """How much attention each column of source layers received in a forward pass run
+        under :meth:`capturing` (``captured``: what it yielded; the adapter's parameters
+        unchanged since): ``(N, C)``, rows sum to 1. ``columns: (num_sources,)`` int64 gives
+        the column (``0 .. C-1``) of each source layer, e.g. its architecture group.
 
         The attention of every branch of every KTL, averaged over heads and query tokens,
-        weighted by the branch's ``λ``, summed over each source's tokens and averaged over the
+        weighted by the branch's ``λ``, summed over each column's tokens and averaged over the
         KTLs. None for the ``mlp`` variant, which does not attend.
         """
         if isinstance(self.body, SourceMLP):
             return None
+        width = int(columns.max()) + 1
+        # Attention over values that one-hot each key token's column is each query's share per
+        # column, without forming the (N·Lq, L) weights; padded to the heads' width d, the
+        # fused kernel runs. Key reading -> (L, max(C, d)).
+        onehots: dict[tuple[str, str], torch.Tensor] = {}
         total = None
         for ktl in self.body:
             lam = ktl.mixture() / len(FACTORS)
@@ -540,10 +546,13 @@ class LPKA(nn.Module):
                         raise RuntimeError(
                             "attention_shares needs a forward pass under capturing()"
                         )
-                    q, k, n, lq = heads
-                    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-                    attention = weights.mean(1).reshape(n, lq, -1).mean(1)  # (N, L)
-                    owners = torch.cat(sources.owners[(f, kr)]).to(attention.device)
-                    shares = attention.new_zeros(n, num_sources).index_add_(1, owners, attention)
+                    q, k, n, lq = heads  # (1, h, N·Lq, d), (1, h, L, d)
+                    if (f, kr) not in onehots:
+                        owner = torch.cat(sources.owners[(f, kr)])
+                        onehot = F.one_hot(columns[owner], max(width, q.shape[-1]))
+                        onehots[(f, kr)] = onehot.to(q)
+                    values = onehots[(f, kr)].expand(*k.shape[:2], -1, -1)
+                    weights = F.scaled_dot_product_attention(q, k, values)[..., :width]
+                    shares = weights.mean(1).reshape(n, lq, width).mean(1)  # (N, C)
                     total = lam[fi, ci] * shares if total is None else total + lam[fi, ci] * shares
         return total.float().cpu() / len(self.body)

@@ -21,13 +21,13 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 
 from mergenet_fl.adapter import LPKA, AdapterConfig, KeyMemo, SourceTokens
 from mergenet_fl.bank import KnowledgeBank
-from mergenet_fl.lowrank import pad_rank
+from mergenet_fl.lowrank import pad_rank, product_norm
 from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ class Generation:
         default_factory=list, repr=False
     )
     measured: dict[str, dict[str, dict]] = field(default_factory=dict, repr=False)
+    _sent: dict[str, dict[str, tuple[int, int, int]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def measure(self) -> None:
         """Take the pending measurements. They need the adapter as it generated, so this
@@ -143,13 +146,14 @@ class Generation:
         return self.measured
 
     def targets(self) -> dict[str, dict[str, tuple[int, int, int]]]:
-        """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent."""
-        out: dict[str, dict[str, tuple[int, int, int]]] = {}
-        for job in self.jobs:
-            _, m, r = job.a.shape
-            for cid in job.clients:
-                out.setdefault(cid, {})[job.layer] = (m, r, job.b.shape[2])
-        return out
+        """Client -> layer -> ``(m, R, n)`` of the merged factors it was sent (built on the
+        first call and shared by the later ones, which check one client each: read only)."""
+        if not self._sent:
+            for job in self.jobs:
+                _, m, r = job.a.shape
+                for cid in job.clients:
+                    self._sent.setdefault(cid, {})[job.layer] = (m, r, job.b.shape[2])
+        return self._sent
 
     def inputs(self) -> dict[str, dict[str, FactorPair]]:
         """Client -> layer -> the target factors ``(A: (m, R), B: (R, n))`` the adapter was
@@ -321,6 +325,8 @@ class Hypernetwork:
         for j, job in enumerate(jobs):
             sources = job.sources.to(self.device)
             memo = memos.setdefault(id(job.sources), KeyMemo())
+            # the job's sources of its own group: built once, when first measured
+            own = cache(partial(self._own_sources, job))
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
                 with (
@@ -332,7 +338,7 @@ class Hypernetwork:
                     outputs[j] = (out_a, out_b)
                 out_a, out_b = out_a.detach(), out_b.detach()
                 if self.cfg.diagnostics:
-                    task = partial(self._diagnose, job, rows, a, b, out_a, out_b, captured)
+                    task = partial(self._diagnose, job, own, rows, a, b, out_a, out_b, captured)
                     if keep:
                         pending.append(task)
                     else:
@@ -343,10 +349,22 @@ class Hypernetwork:
         version = self._version()
         return merged, Generation(round, tuple(jobs), outputs, version, pending, measured)
 
+    def _own_sources(self, job: Job) -> SourceTokens | None:
+        """The tokens of the job's sources of its own group (None without any)."""
+        own = [
+            f for f, g in zip(job.source_factors, job.source_groups, strict=True) if g == job.group
+        ]
+        if not own:
+            return None
+        return SourceTokens.build(own, self.rank, self.cfg.adapter.max_source_tokens).to(
+            self.device
+        )
+
     @torch.no_grad()
     def _diagnose(
         self,
         job: Job,
+        own_sources: Callable[[], SourceTokens | None],
         rows: list[int],
         a: torch.Tensor,
         b: torch.Tensor,
@@ -357,26 +375,33 @@ class Hypernetwork:
         """Per target row: ``transfer_effect`` = ‖merged − merged from its own group alone‖ /
         ‖its own low-rank part‖ (0 when the other groups change nothing), and the share of
         attention each source group received (in the pass that made ``out_a, out_b``, whose
-        heads are ``captured``), for each of the row's clients."""
-        shares = self.adapter.attention_shares(captured, job.sources, len(job.source_groups))
-        own = [i for i, g in enumerate(job.source_groups) if g == job.group]
-        if own:
-            own_sources = SourceTokens.build(
-                [job.source_factors[i] for i in own], self.rank, self.cfg.adapter.max_source_tokens
-            ).to(self.device)
-            ref_a, ref_b = self.adapter(a, b, own_sources)
+        heads are ``captured``), for each of the row's clients.
+
+        ``a: (N, m, R)``, ``b: (N, R, n)`` (the rows' targets), ``out_a``, ``out_b`` likewise;
+        ``own_sources()``: :meth:`_own_sources` of the job.
+        """
+        groups = list(dict.fromkeys(job.source_groups))
+        columns = torch.tensor([groups.index(g) for g in job.source_groups])
+        shares = self.adapter.attention_shares(captured, job.sources, columns)  # (N, groups)
+        own = own_sources()
+        if own is not None:
+            ref_a, ref_b = self.adapter(a, b, own)
         else:  # no source of its own group: without the others the target keeps its factors
             ref_a, ref_b = a, b
-        effect = torch.linalg.matrix_norm(out_a @ out_b - ref_a @ ref_b) / torch.linalg.matrix_norm(
-            a @ b
-        ).clamp_min(1e-12)
+        # A'B' − A_r B_r = [A', A' − A_r] [B' − B_r; B_r]: its norm from the factors, and
+        # exactly 0 where the two passes agree
+        moved = product_norm(
+            torch.cat([out_a, out_a - ref_a], -1), torch.cat([out_b - ref_b, ref_b], -2)
+        )
+        effects = (moved / product_norm(a, b).clamp_min(1e-12)).tolist()
+        attention = (
+            [{} for _ in rows]
+            if shares is None  # the mlp variant does not attend
+            else [dict(zip(groups, row, strict=True)) for row in shares.tolist()]
+        )
         out = []
         for i, row in enumerate(rows):
-            attention: dict[str, float] = {}
-            if shares is not None:
-                for s, group in enumerate(job.source_groups):
-                    attention[group] = attention.get(group, 0.0) + float(shares[i, s])
-            stats = {"transfer_effect": float(effect[i]), "attention": attention}
+            stats = {"transfer_effect": effects[i], "attention": attention[i]}
             out += [(cid, job.layer, stats) for cid in job.members[row]]
         return out
 

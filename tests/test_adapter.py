@@ -226,6 +226,34 @@ def test_hand_computed_gradient_on_a_tiny_case():
     torch.testing.assert_close(grads[0], lam * g_a[0].T @ attn)
 
 
+@pytest.mark.parametrize("heads", [2, 4])  # head width 4 (the fused kernel) and 2 (< 3 columns)
+def test_attention_shares_sum_the_softmax_over_each_columns_tokens(heads):
+    """Per target: the softmax weights of every branch, averaged over heads and query tokens,
+    summed over the tokens of each column's sources, weighted by λ, averaged over the KTLs."""
+    cfg = AdapterConfig(rank=4, dim=8, heads=heads, layers=2)
+    adapter = perturbed(cfg, SHAPES)
+    _, sources = sources_for(SHAPES)
+    a, b = batch((24, 36))
+    with adapter.capturing() as captured:
+        adapter(a, b, sources)
+    expected = torch.zeros(a.shape[0], len(SHAPES))
+    for ktl in adapter.body:
+        lam = ktl.mixture() / 2
+        for fi, f in enumerate(("A", "B")):
+            for ci, (qr, kr) in enumerate(cfg.combos):
+                q, k, n, lq = captured[f"{ktl.path}.{f}_{qr}_{kr}"]
+                weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                per_token = weights.mean(1).reshape(n, lq, -1).mean(1)  # (N, L)
+                owners = torch.cat(sources.owners[(f, kr)])
+                shares = torch.zeros(n, len(SHAPES)).index_add_(1, owners, per_token)
+                expected += lam[fi, ci].detach() * shares / len(adapter.body)
+    each = adapter.attention_shares(captured, sources, torch.arange(len(SHAPES)))
+    torch.testing.assert_close(each, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(each.sum(1), torch.ones(a.shape[0]))
+    paired = adapter.attention_shares(captured, sources, torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(paired, torch.stack([each[:, 1], each[:, 0] + each[:, 2]], 1))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_low_rank_pieces_give_the_full_delta_gradient(variant):
     cfg = AdapterConfig(variant=variant, rank=4, dim=8, heads=2, layers=2)

@@ -13,6 +13,7 @@ from mergenet_fl import (
     PacketError,
     factorize,
 )
+from mergenet_fl.lowrank import product_norm
 
 SMALL = AdapterConfig(rank=4, dim=8, heads=2, layers=1, max_source_tokens=8)
 
@@ -398,6 +399,53 @@ def test_transfer_effect_is_zero_untrained_and_grows_as_the_adapter_learns():
     assert min(effects) > 0
     lam = hn.adapter.mixtures()
     assert len(lam) == 1 and all(sum(f) == pytest.approx(1.0) for f in lam[0])
+
+
+@pytest.mark.parametrize("m,n", [(10, 32), (300, 400)])  # a formed product, and QR cores
+def test_the_transfer_effects_norm_comes_from_the_factors(m, n):
+    """‖A'B' − A_r B_r‖ as product_norm([A', A' − A_r], [B' − B_r; B_r]): the float64 value,
+    and exactly 0 when the two passes agree."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, m, 4, generator=gen), torch.randn(3, 4, n, generator=gen)
+    ref_a = a + 1e-3 * torch.randn(a.shape, generator=gen)
+    ref_b = b + 1e-3 * torch.randn(b.shape, generator=gen)
+    exact = torch.linalg.matrix_norm(a.double() @ b.double() - ref_a.double() @ ref_b.double())
+    moved = product_norm(torch.cat([a, a - ref_a], -1), torch.cat([b - ref_b, ref_b], -2))
+    torch.testing.assert_close(moved.double(), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(product_norm(a, b), torch.linalg.matrix_norm(a @ b))
+    same = product_norm(torch.cat([a, a - a], -1), torch.cat([b - b, b], -2))
+    assert torch.equal(same, torch.zeros(3))
+
+
+def test_a_batch_of_targets_gives_each_what_it_gets_alone():
+    """Rows batched into one pass (chunk_size 8: every job's rows, graph kept, measured later)
+    or in chunks of two (measured as they go) get the merged factors, diagnostics and update
+    that each row gets in a pass of its own; the rows differ, so a mix-up would show."""
+    bank = federation()
+    bank.put("r2", packet({"fc": (10, 32)}, 5), group="resnet", round=1)
+    bank.put("m1", packet({"cls": (10, 40), "conv": (12, 18)}, 6, rank=3), group="mbv2", round=1)
+    targets = ["r0", "r1", "r2", "m0", "m1", "t0"]  # rows: fc 3, cls 2, conv 2, value 1
+    results = {}
+    for chunk_size in (1, 2, 8):
+        hn, _ = twin_hypernetworks(chunk_size=chunk_size)
+        merged, generation = hn.generate(bank, targets, round=2)
+        assert bool(generation.outputs) == (chunk_size == 8)
+        diagnostics = generation.diagnostics
+        hn.update(generation, random_pieces(merged, seed=4))
+        results[chunk_size] = (hn, merged, diagnostics)
+    alone, merged_alone, diag_alone = results[1]
+    effects = [diag_alone[c]["fc"]["transfer_effect"] for c in ("r0", "r1", "r2")]
+    assert min(effects) > 0 and len({round(e, 6) for e in effects}) == 3
+    assert diag_alone["r0"]["fc"]["attention"] != pytest.approx(diag_alone["r1"]["fc"]["attention"])
+    for chunk_size in (2, 8):
+        hn, merged, diagnostics = results[chunk_size]
+        for cid, layers in merged_alone.items():
+            for layer, (a, b) in layers.items():
+                torch.testing.assert_close(merged[cid][layer], (a, b), atol=1e-6, rtol=1e-5)
+                stats, ref = diagnostics[cid][layer], diag_alone[cid][layer]
+                assert stats["transfer_effect"] == pytest.approx(ref["transfer_effect"], rel=1e-4)
+                assert stats["attention"] == pytest.approx(ref["attention"], rel=1e-5)
+        assert_same_adapter(hn, alone)
 
 
 def test_diagnostics_measure_the_adapter_that_generated_even_when_asked_after_the_update():
