@@ -38,6 +38,7 @@ from simulations.models import build_model
 from simulations.numerics import Numerics, bf16_is_fast
 from simulations.run import simulate
 from simulations.tasks import TrainState, get_task, plan_batches
+from strategies.protocol import NUM_EXAMPLES
 from strategies.runlog import read_lines
 
 ARCHS = ("cnn4", "convnet5", "convnet6", "resnet8_f512")
@@ -169,8 +170,11 @@ def federated(overrides: list[str]) -> dict:
         if "server" in line and line.get("stage") == "train"
     }
     seconds = ends[cfg.num_rounds] - ends[1]
-    rows = sum(len(build_workload(cfg, pid).train_set) for pid in range(cfg.num_clients))
-    images = rows * cfg.local_epochs * (cfg.num_rounds - 1)  # every epoch visits every row
+    images = cfg.local_epochs * sum(  # every epoch visits each client's every row
+        line[NUM_EXAMPLES]
+        for line in lines
+        if line.get("stage") == "train" and "group" in line and line["round"] > 1
+    )
     return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
 
 

@@ -273,26 +273,21 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         or (isinstance(raw["local_steps"], int) and raw["local_steps"] >= 1),
         f"local_steps must be null or an integer >= 1, got {raw.get('local_steps')!r}",
     )
-    need(
-        isinstance(raw.get("evaluate_every", 1), int) and raw.get("evaluate_every", 1) >= 1,
-        f"evaluate_every must be an integer >= 1, got {raw.get('evaluate_every')!r}",
-    )
-    need(
-        raw.get("device", "auto") in DEVICES,
-        f"device must be one of {DEVICES}, got {raw.get('device')!r}",
-    )
-    need(
-        raw.get("precision", "fp32") in PRECISIONS,
-        f"precision must be one of {PRECISIONS}, got {raw.get('precision')!r}",
-    )
-    need(
-        isinstance(raw.get("eval_batch_size", 256), int) and raw.get("eval_batch_size", 256) >= 1,
-        f"eval_batch_size must be an integer >= 1, got {raw.get('eval_batch_size')!r}",
-    )
-    need(
-        raw.get("optimizer_state", "fresh") in OPTIMIZER_STATES,
-        f"optimizer_state must be one of {OPTIMIZER_STATES}, got {raw.get('optimizer_state')!r}",
-    )
+    for key, default in (("evaluate_every", 1), ("eval_batch_size", 256)):
+        value = raw.get(key, default)
+        need(
+            isinstance(value, int) and value >= 1,
+            f"{key} must be an integer >= 1, got {raw.get(key)!r}",
+        )
+    for key, default, choices in (
+        ("device", "auto", DEVICES),
+        ("precision", "fp32", PRECISIONS),
+        ("optimizer_state", "fresh", OPTIMIZER_STATES),
+    ):
+        need(
+            raw.get(key, default) in choices,
+            f"{key} must be one of {choices}, got {raw.get(key)!r}",
+        )
     for key in ("channels_last", "bn_calibration"):
         need(
             isinstance(raw.get(key, True), bool),

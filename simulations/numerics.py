@@ -2,7 +2,7 @@
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA devices that support
 it, and CPUs with AMX tiles. A CPU without them emulates bf16: on this project's AMD EPYC
-machines (AVX2, no AVX-512, 2026-12-03) a training step of the benchmark's CNNs took 7–15×
+machines (AVX2, no AVX-512, 2026-12-03) a training step of the benchmark's CNNs took 7–17×
 longer in bf16 than in fp32 (``python -m simulations.bench_train``). ``precision="auto"``
 therefore checks the hardware, never assumes it.
 
