@@ -27,7 +27,7 @@ from strategies import client as mc
 from strategies import protocol as p
 
 TRAIN_STATE_KEY = "mergenet.train-state"
-GLOBAL_METRICS = ("accuracy", "f1", "em", "chance", "loss")  # scored twice
+GLOBAL_METRICS = ("accuracy", "f1", "em", "chance", "loss")  # scored on every evaluated set
 EXTENSION_KEY = "mergenet.extension"  # + the module's name: what a method trains beside the model
 
 
@@ -192,12 +192,18 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         cfg, work = workload(context)
         device = resolve_device(cfg.device)
         start = time.perf_counter()
-        model = scored_model(cfg, work)  # BatchNorm re-estimated once for both test sets
+        extension = cfg.build_extension(work.model, work.head, work.data.num_classes, work.layers)
+        # BatchNorm re-estimated once for both test sets; the method's scoring in place
+        model = extension.scored(msg, scored_model(cfg, work))
         scoring = dict(batch_size=cfg.eval_batch_size, device=device, numerics=cfg.numerics())
         metrics = work.task.evaluate(model, work.eval_set, **scoring)
         if work.data.global_set is not None:  # eval_split=local: the global test as well
             uniform = work.task.evaluate(model, work.data.global_set, **scoring)
             metrics.update({f"global_{k}": uniform[k] for k in GLOBAL_METRICS if k in uniform})
+        if work.data.validation_set is not None:  # split=pooled: rows to choose settings on
+            held = work.task.evaluate(model, work.data.validation_set, **scoring)
+            metrics.update({f"val_{k}": held[k] for k in GLOBAL_METRICS if k in held})
+            metrics["val_num_examples"] = held["num_examples"]
         work.model.cpu()
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),

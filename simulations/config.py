@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,14 @@ from torch import nn
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig, SelectedLayer
 from simulations.models import ARCHITECTURES, build_model
 from simulations.numerics import PRECISIONS, Numerics
-from simulations.tasks import resolve_device
+from simulations.tasks import TrainConfig, get_task, resolve_device
 from strategies import (
     FD,
     FML,
+    FedGH,
     FedKD,
     FedProto,
+    FedTGP,
     GroupFedAvg,
     LGFedAvg,
     LocalOnly,
@@ -36,23 +38,42 @@ from strategies import (
 )
 from strategies.base import RoundSink
 from strategies.extension import (
+    HEAD_SCORES,
+    KL_REDUCTIONS,
+    MEAN_SCORES,
     ClassMeans,
     ClientExtension,
+    GlobalHead,
     MentorMentee,
     MergeNetClient,
     MutualLearning,
     SharedHead,
 )
+from strategies.fedproto import MEANS
 from strategies.protocol import SHARE_MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("mergenet", "local", "groupfedavg", "lgfedavg", "fedproto", "fd", "fml", "fedkd")
+STRATEGIES = (
+    "mergenet",
+    "local",
+    "groupfedavg",
+    "lgfedavg",
+    "fedproto",
+    "fd",
+    "fml",
+    "fedkd",
+    "fedtgp",
+    "fedgh",
+)
+SCORES = {"lgfedavg": HEAD_SCORES, "fedproto": MEAN_SCORES, "fedtgp": MEAN_SCORES}
 SHARED_MODEL_SEED = 999  # the shared model's initialisation (FML, FedKD): one for all clients
 PARTITIONS = ("iid", "dirichlet")
 EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
 OPTIMIZER_STATES = ("fresh", "kept")
+SPLITS = ("standard", "pooled")
+CLIENT_OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "max_grad_norm")
 
 
 class ConfigError(ValueError):
@@ -110,9 +131,22 @@ class ExperimentConfig:
     eval_batch_size: int = 256
     bn_calibration: bool = True
     optimizer_state: str = "fresh"
+    client_optimizer: dict[str, float | str | None] = field(default_factory=dict)
+    augment: bool = True
     node_wait: float = 60.0
     allow_failed_clients: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    # How a dataset's rows become the clients' (federation.split). standard: its train split
+    # is partitioned among its clients, evaluation rows come from its test split
+    # (eval_split, test_examples). pooled (HtFLlib, PFLlib): its train and test splits are
+    # pooled and partitioned, each client's share (capped at its example count) then cut at
+    # random into train, validation (validation_fraction) and test (test_fraction) rows; the
+    # client evaluates on its own test rows (eval_split=validation: its validation rows),
+    # test_examples does not apply and there is no global set. Classification datasets only.
+    split: str = "standard"
+    test_fraction: float = 0.25  # pooled: a client's share that is its test rows
+    validation_fraction: float = 0.0  # pooled: a client's share held out as validation rows
+    min_partition_size: int = 0  # Dirichlet: resample until every partition has this many rows
 
     @property
     def num_clients(self) -> int:
@@ -133,6 +167,11 @@ class ExperimentConfig:
     def peers(self, dataset: str) -> list[ClientGroup]:
         """The group of every client that trains on ``dataset``, in partition order."""
         return [c for c in self.clients for _ in range(c.count) if c.dataset == dataset]
+
+    def train_config(self, task: str) -> TrainConfig:
+        """The optimiser of ``task``'s clients: its default with ``client_optimizer``'s
+        non-null entries in place."""
+        return _train_config(get_task(task).config, self.client_optimizer)
 
     def numerics(self) -> Numerics:
         """How this machine's clients compute (``auto`` resolved for :attr:`device`)."""
@@ -181,7 +220,17 @@ class ExperimentConfig:
         if name == "lgfedavg":
             return LGFedAvg(**common)
         if name == "fedproto":
-            return FedProto(**common)
+            return FedProto(mean=self.strategy.get("mean", "plain"), **common)
+        if name in ("fedtgp", "fedgh"):
+            server = {
+                k: self.strategy[k]
+                for k in ("server_epochs", "server_batch_size", "server_lr")
+                if k in self.strategy
+            }
+            if name == "fedgh":
+                return FedGH(**server, **common)
+            threshold = float(self.strategy.get("margin_threshold", 100.0))
+            return FedTGP(margin_threshold=threshold, **server, **common)
         if name == "fd":
             return FD(**common)
         if name == "fml":
@@ -220,21 +269,36 @@ class ExperimentConfig:
         name = self.strategy["name"]
         if name == "mergenet":
             return MergeNetClient(layers, self.rank)
+        score = self.strategy.get("score", SCORES.get(name, ("head",))[0])
         if name == "lgfedavg":
-            return SharedHead(head)
-        if name in ("fedproto", "fd"):
-            of = "features" if name == "fedproto" else "logits"
-            return ClassMeans(num_classes, float(self.strategy.get("weight", 1.0)), of)
+            return SharedHead(head, score)
+        if name in ("fedproto", "fd", "fedtgp"):
+            of = "logits" if name == "fd" else "features"
+            weight = float(self.strategy.get("weight", 1.0))
+            return ClassMeans(num_classes, weight, of, score, head)
+        if name == "fedgh":
+            return GlobalHead(num_classes, head)
         if name in ("fml", "fedkd"):
+            kl = self.strategy.get("kl", "batchmean")
             arch = self.shared_arch
             shared = build_model(arch, num_classes, seed=self.seed * 1000 + SHARED_MODEL_SEED)
             shared_head = ARCHITECTURES[arch].head
             if name == "fml":
                 alpha, beta = self.strategy.get("alpha", 0.5), self.strategy.get("beta", 0.5)
-                return MutualLearning(shared, shared_head, float(alpha), float(beta))
+                return MutualLearning(shared, shared_head, float(alpha), float(beta), kl)
             widths = (model.get_submodule(head).in_features, shared.get_submodule(shared_head))
-            return MentorMentee(shared, shared_head, widths[0], widths[1].in_features, self.seed)
+            return MentorMentee(
+                shared, shared_head, widths[0], widths[1].in_features, self.seed, kl
+            )
         return ClientExtension()
+
+
+def _train_config(default: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """``default`` with ``given``'s non-null entries (``max_grad_norm: 0``: no clipping)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("max_grad_norm") == 0:
+        given["max_grad_norm"] = None
+    return replace(default, **given)
 
 
 def compose(overrides: list[str] | str = ()) -> ExperimentConfig:
@@ -288,7 +352,30 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
             raw.get(key, default) in choices,
             f"{key} must be one of {choices}, got {raw.get(key)!r}",
         )
-    for key in ("channels_last", "bn_calibration"):
+    client_optimizer = dict(raw.get("client_optimizer") or {})
+    for key, value in client_optimizer.items():
+        need(
+            key in CLIENT_OPTIMIZER_KEYS,
+            f"client_optimizer.{key} is unknown; known: {CLIENT_OPTIMIZER_KEYS}",
+        )
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        need(
+            value is None or (key == "optimizer") != number,
+            f"client_optimizer.{key} must be {'a name' if key == 'optimizer' else 'a number'} "
+            f"or null, got {value!r}",
+        )
+    try:
+        wellformed = {
+            k: v
+            for k, v in client_optimizer.items()
+            if k in CLIENT_OPTIMIZER_KEYS
+            and (k == "optimizer") == isinstance(v, str)
+            and not isinstance(v, bool)
+        }
+        _train_config(TrainConfig(), wellformed)
+    except ValueError as exc:
+        problems.append(f"client_optimizer: {exc}")
+    for key in ("channels_last", "bn_calibration", "augment"):
         need(
             isinstance(raw.get(key, True), bool),
             f"{key} must be true or false, got {raw.get(key)!r}",
@@ -327,6 +414,20 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         "strategy.group_targets must be true, false or null, got "
         f"{strategy.get('group_targets')!r}",
     )
+    choices = SCORES.get(strategy.get("name"), ("head",))
+    need(
+        strategy.get("score", choices[0]) in choices,
+        f"strategy.score must be one of {choices} for {strategy.get('name')}, "
+        f"got {strategy.get('score')!r}",
+    )
+    need(
+        strategy.get("kl", "batchmean") in KL_REDUCTIONS,
+        f"strategy.kl must be one of {KL_REDUCTIONS}, got {strategy.get('kl')!r}",
+    )
+    need(
+        strategy.get("mean", "plain") in MEANS,
+        f"strategy.mean must be one of {MEANS}, got {strategy.get('mean')!r}",
+    )
     weight = strategy.get("weight", 1.0)
     need(
         isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
@@ -346,6 +447,41 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     need(
         isinstance(fed.get("examples_per_client"), int) and fed["examples_per_client"] >= 1,
         "federation.examples_per_client must be an integer >= 1",
+    )
+    split = fed.get("split", "standard")
+    test_fraction = fed.get("test_fraction", 0.25)
+    validation_fraction = fed.get("validation_fraction", 0.0)
+    min_partition_size = fed.get("min_partition_size", 0)
+    need(split in SPLITS, f"federation.split must be one of {SPLITS}, got {split!r}")
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    test_ok = is_number(test_fraction) and 0 < test_fraction < 1
+    validation_ok = is_number(validation_fraction) and 0 <= validation_fraction < 1
+    need(test_ok, f"federation.test_fraction must be in (0, 1), got {test_fraction!r}")
+    need(
+        validation_ok,
+        f"federation.validation_fraction must be in [0, 1), got {validation_fraction!r}",
+    )
+    need(
+        not (test_ok and validation_ok) or test_fraction + validation_fraction < 1,
+        "federation.test_fraction + federation.validation_fraction must be < 1, got "
+        f"{test_fraction!r} + {validation_fraction!r}",
+    )
+    need(
+        isinstance(min_partition_size, int)
+        and not isinstance(min_partition_size, bool)
+        and min_partition_size >= 0,
+        f"federation.min_partition_size must be an integer >= 0, got {min_partition_size!r}",
+    )
+    need(
+        split != "pooled"
+        or raw.get("eval_split", "test") != "validation"
+        or not validation_ok
+        or validation_fraction > 0,
+        "eval_split=validation with federation.split=pooled needs "
+        f"federation.validation_fraction > 0, got {validation_fraction!r}",
     )
     clients = []
     for i, c in enumerate(fed.get("clients") or []):
@@ -415,9 +551,15 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         eval_batch_size=int(raw.get("eval_batch_size", 256)),
         bn_calibration=bool(raw.get("bn_calibration", True)),
         optimizer_state=str(raw.get("optimizer_state", "fresh")),
+        client_optimizer=client_optimizer,
+        augment=bool(raw.get("augment", True)),
         node_wait=float(raw.get("node_wait", 60)),
         allow_failed_clients=bool(raw.get("allow_failed_clients", False)),
         raw=raw,
+        split=str(split),
+        test_fraction=float(test_fraction),
+        validation_fraction=float(validation_fraction),
+        min_partition_size=int(min_partition_size),
     )
 
 

@@ -36,12 +36,15 @@ TEXT_MAX_LENGTH = 64
 QA_MAX_LENGTH = 192
 
 
-DATA_VERSION = 3  # bump when the way client data is built changes
+DATA_VERSION = 4  # bump when the way client data is built changes
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's datasets: ``train_rows`` and ``eval_rows`` index the dataset's splits."""
+    """One client's datasets: ``train_rows`` and ``eval_rows`` index the dataset's splits
+    (``federation.split=standard``: ``train_rows`` its train split, ``eval_rows`` its test
+    split, or its train split with ``eval_split=validation``), or with ``split=pooled`` the
+    pooled rows: the train split's, then the test split's."""
 
     train_set: Dataset
     eval_set: Dataset  # the test split, or validation rows (`eval_split`)
@@ -50,6 +53,8 @@ class ClientData:
     eval_rows: np.ndarray
     label_counts: tuple[int, ...]  # training examples per class (QA: unanswerable, answerable)
     global_set: Dataset | None = None  # with eval_split=local: uniform test rows as well
+    validation_set: Dataset | None = None  # split=pooled: the client's own validation rows
+    validation_set: Dataset | None = None  # split=pooled, validation_fraction > 0: its own
 
 
 @dataclass
@@ -115,6 +120,7 @@ def build_workload(
         "exclude": spec.exclude,
         "seed": seed,
         "identity": str(client_identity(cfg, partition_id, client_id)),
+        "optimizer": cfg.client_optimizer,
     }
 
     def build() -> Workload:
@@ -124,9 +130,9 @@ def build_workload(
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         identity = client_identity(cfg, partition_id, client_id)
         arch = ARCHITECTURES[spec.arch]
-        return Workload(
-            identity, model, layers, get_task(spec.task), data, initial, arch.head, arch.lr
-        )
+        task = get_task(spec.task, cfg.train_config(spec.task))
+        lr = cfg.client_optimizer.get("lr") or arch.lr  # a configured lr is every client's
+        return Workload(identity, model, layers, task, data, initial, arch.head, lr)
 
     return _WORKLOADS.get(parts, build)
 
@@ -143,6 +149,8 @@ def _data_parts(cfg: ExperimentConfig, dataset: str, index: int) -> dict[str, ob
         "caps": [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)],
         "eval_split": cfg.eval_split,
         "test_examples": cfg.test_examples,
+        "split": [cfg.split, cfg.test_fraction, cfg.validation_fraction, cfg.min_partition_size],
+        "augment": cfg.augment,
         "files": {
             f"{path.parent.name}/{path.name}": cache.file_digest(path)
             for path in D.dataset_files(dataset, cfg.data_dir)
@@ -155,7 +163,8 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
     """Train partition ``index`` of the dataset's clients and an evaluation subset (of the test
     split; ``local``: with the label distribution of the client's partition; ``validation``:
     of the training rows no client trains on)."""
-    validation = cfg.eval_split == "validation"
+    pooled = cfg.split == "pooled"
+    validation = cfg.eval_split == "validation" and not pooled
     seed = cfg.seed * 1000 + index
     if name in IMAGE_DATASETS:
         if name == "cifar10":
@@ -167,19 +176,23 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
             x, y = images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN]
             tx, ty = (x, y) if validation else (images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
-        train, held_out, uniform = _split(cfg, name, y, index, np.asarray(ty), seed)
+        if pooled:  # HtFLlib: one pool of rows for every client's train and test
+            x = tx = np.concatenate([x, tx])
+            y = ty = np.concatenate([np.asarray(y), np.asarray(ty)])
+        train, held_out, uniform, own = _split(cfg, name, y, index, np.asarray(ty), seed)
 
-        def images(rows: np.ndarray) -> Dataset:
-            return D.ImageDataset(tx[rows], ty[rows], train=False)
+        def images(rows: np.ndarray | None) -> Dataset | None:
+            return None if rows is None else D.ImageDataset(tx[rows], ty[rows], train=False)
 
         return ClientData(
-            D.ImageDataset(x[train], y[train], train=True),
+            D.ImageDataset(x[train], y[train], train=cfg.augment),
             images(held_out),
             num_classes,
             train,
             held_out,
             _counts(y[train], num_classes),
-            None if uniform is None else images(uniform),
+            images(uniform),
+            images(own),
         )
     if name in TEXT_DATASETS:
         if name == "synthetic-text":
@@ -194,11 +207,16 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             test_texts, test_labels, _ = D.load_text_classification(name, "test", cfg.data_dir)
         if validation:
             test_texts, test_labels = texts, labels
+        if pooled:  # HtFLlib: one pool of rows for every client's train and test
+            texts = test_texts = list(texts) + list(test_texts)
+            labels = test_labels = list(labels) + list(test_labels)
         tokenizer = D.build_tokenizer(cfg.data_dir)
         y = np.asarray(labels)
-        train, held_out, uniform = _split(cfg, name, y, index, np.asarray(test_labels), seed)
+        train, held_out, uniform, own = _split(cfg, name, y, index, np.asarray(test_labels), seed)
 
-        def sentences(rows: np.ndarray) -> Dataset:
+        def sentences(rows: np.ndarray | None) -> Dataset | None:
+            if rows is None:
+                return None
             return D.TextClassificationDataset(
                 [test_texts[i] for i in rows],
                 [test_labels[i] for i in rows],
@@ -215,15 +233,21 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             train,
             held_out,
             _counts(y[train], num_classes),
-            None if uniform is None else sentences(uniform),
+            sentences(uniform),
+            sentences(own),
         )
     if name in QA_DATASETS:
+        if pooled:
+            raise ValueError(
+                f"federation.split=pooled splits classification rows by label; {name!r} is "
+                "extractive QA: use split=standard"
+            )
         examples = D.load_squad2("train", cfg.data_dir, seed=cfg.seed)
         test = examples if validation else D.load_squad2("test", cfg.data_dir, seed=cfg.seed)
         tokenizer = D.build_tokenizer(cfg.data_dir)
         answerable = np.array([0 if ex.is_impossible else 1 for ex in examples])
         test_answerable = np.array([0 if ex.is_impossible else 1 for ex in test])
-        train, held_out, uniform = _split(cfg, name, answerable, index, test_answerable, seed)
+        train, held_out, uniform, _ = _split(cfg, name, answerable, index, test_answerable, seed)
 
         def questions(rows: np.ndarray) -> Dataset:
             return D.QADataset([test[i] for i in rows], tokenizer, QA_MAX_LENGTH)
@@ -251,16 +275,22 @@ def _split(
     index: int,
     eval_labels: np.ndarray,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Rows of client ``index``'s training partition, its evaluation rows, and with ``local``
-    also uniformly drawn test rows (the global test the report shows beside the local one).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Rows of client ``index``'s training partition, its evaluation rows, with ``local``
+    also uniformly drawn test rows (the global test the report shows beside the local one),
+    and under ``split=pooled`` its own validation rows (None: none).
 
-    The dataset's training rows are split among the clients that use it (flwr-datasets,
-    each client capped at its example count). Evaluation rows are ``cfg.test_examples`` of
-    the test rows (``eval_labels`` are their labels): uniformly drawn (``test``), or with the
-    label distribution of the client's partition (``local``, how personalised FL scores a
-    client); or for ``validation`` of the training rows that no client holds, so that
-    settings can be chosen without looking at the test split.
+    ``standard``: the dataset's training rows are split among the clients that use it
+    (flwr-datasets, each client capped at its example count). Evaluation rows are
+    ``cfg.test_examples`` of the test rows (``eval_labels`` are their labels): uniformly drawn
+    (``test``), or with the label distribution of the client's partition (``local``, how
+    personalised FL scores a client); or for ``validation`` of the training rows that no
+    client holds, so that settings can be chosen without looking at the test split.
+
+    ``pooled`` (HtFLlib): ``labels`` are the train and test rows pooled; each client's share
+    (capped at its example count, at least ``min_partition_size`` rows) is cut at random into
+    its test (``test_fraction``), validation (``validation_fraction``) and training rows, and
+    it is evaluated on its own test rows (``eval_split=validation``: its validation rows).
     """
     caps = [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)]
     parts = D.partitions(
@@ -270,15 +300,25 @@ def _split(
         alpha=cfg.alpha,
         seed=cfg.seed,
         max_examples=caps,
+        min_partition_size=cfg.min_partition_size,
     )
+    if cfg.split == "pooled":
+        share = np.random.default_rng((seed, len(labels))).permutation(parts[index])
+        tests = round(len(share) * cfg.test_fraction)
+        held = round(len(share) * cfg.validation_fraction)
+        test, own = np.sort(share[:tests]), np.sort(share[tests : tests + held])
+        train = np.sort(share[tests + held :])
+        if cfg.eval_split == "validation":
+            return train, own, None, None
+        return train, test, None, own if held else None
     if cfg.eval_split == "validation":
         unused = np.setdiff1d(np.arange(len(labels)), np.concatenate(parts))
-        return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)], None
+        return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)], None, None
     uniform = _subset(len(eval_labels), cfg.test_examples, seed)
     if cfg.eval_split == "local":
         local = local_rows(eval_labels, labels[parts[index]], cfg.test_examples, seed)
-        return parts[index], local, uniform
-    return parts[index], uniform, None
+        return parts[index], local, uniform, None
+    return parts[index], uniform, None, None
 
 
 def local_rows(eval_labels: np.ndarray, train_labels: np.ndarray, k: int, seed: int) -> np.ndarray:

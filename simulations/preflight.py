@@ -85,6 +85,8 @@ HEAD_SHAPE, CLASS_COUNT = "head shape (classes, features)", "class count"
 SHARES = {
     "lgfedavg": ("the head", HEAD_SHAPE),
     "fedproto": ("per-class mean features", HEAD_SHAPE),
+    "fedtgp": ("per-class mean features", HEAD_SHAPE),
+    "fedgh": ("per-class mean features and a global head", HEAD_SHAPE),
     "fd": ("per-class mean logits", CLASS_COUNT),
     "fml": ("a shared model", CLASS_COUNT),
     "fedkd": ("a shared mentee", CLASS_COUNT),

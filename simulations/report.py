@@ -12,6 +12,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from strategies.runlog import (
     bytes_per_round,
     chance_levels,
     group_curves,
+    pooled_curve,
     read_lines,
     round_axis,
 )
@@ -43,8 +45,18 @@ FIELD = {
     "fd": "FD",
     "fml": "FML",
     "fedkd": "FedKD",
+    "fedtgp": "FedTGP",
+    "fedgh": "FedGH",
 }
-HTFL_C10_DIR01 = {"FedKD": 86.45, "FD": 86.01, "FML": 85.88, "LG-FedAvg": 84.55, "FedProto": 82.07}
+HTFL_C10_DIR01 = {
+    "FedTGP": 88.15,
+    "FedKD": 86.45,
+    "FD": 86.01,
+    "FML": 85.88,
+    "LG-FedAvg": 84.55,
+    "FedGH": 84.43,
+    "FedProto": 82.07,
+}
 GLOBAL_KEYS = tuple(f"global_{k}" for k in SCORE_KEYS)  # eval_split=local: the global test too
 TRANSFER_ONLY = "MergeNet (lpka, transfer only)"
 ABLATION_ORDER = ("lpka", "avg", "rows", "mlp")  # the paper's order, best first
@@ -68,7 +80,20 @@ class Run:
     chance: dict[str, float] = field(default_factory=dict)  # group -> final chance level
     global_chance: dict[str, float] = field(default_factory=dict)  # on the global test
     transfer_effect: dict[str, float] = field(default_factory=dict)  # group -> last round's
+    pooled: dict[int, float] = field(default_factory=dict)  # round -> pooled accuracy
+    pooled_validation: dict[int, float] = field(default_factory=dict)  # on validation rows
+    steps_per_client: float = 0.0  # local SGD steps of a client over the run, mean
     path: Path = field(repr=False, default=Path())
+
+    def pooled_at(self, choice: str) -> float:
+        """Pooled accuracy at the ``final`` round, the ``best`` (chosen on test: biased
+        upwards), or the round ``validation`` chose."""
+        if choice == "final":
+            return list(self.pooled.values())[-1]
+        if choice == "best":
+            return max(self.pooled.values())
+        chosen = max(self.pooled_validation, key=self.pooled_validation.get)
+        return self.pooled[chosen]
 
 
 LABELLED = ("optimizer", "lr", "schedule", "warmup_steps", "weight_decay")
@@ -136,6 +161,9 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
     if federation not in fedavg_cache:
         fedavg_cache[federation] = fedavg_bytes(cfg)
     trains = [x for x in lines if x.get("stage") == "train" and "train_seconds" in x]
+    steps: dict[str, float] = defaultdict(float)
+    for x in trains:
+        steps[x["client"]] += x.get("train_steps", 0.0)
     overhead = None
     if cfg["strategy"]["name"] == "mergenet" and trains:
         overhead = sum(x.get("mergenet_seconds", 0.0) for x in trains) / max(
@@ -158,6 +186,9 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
             g: list(c.values())[-1] for g, c in group_curves(lines, "global_chance").items() if c
         },
         transfer_effect=last_transfer_effect(lines),
+        pooled=pooled_curve(lines),
+        pooled_validation=pooled_curve(lines, "val_accuracy", "val_num_examples"),
+        steps_per_client=statistics.mean(steps.values()) if steps else 0.0,
         path=path,
     )
 
@@ -181,13 +212,20 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def paired(method: list[Run], base: list[Run], group: str) -> tuple[float, float, int] | None:
     """Mean paired difference (same seed) of the group's main score, its 95 % t-interval
     half-width, and the number of pairs; None without two pairs."""
+    return paired_by(
+        [r for r in method if group in r.final],
+        [r for r in base if group in r.final],
+        lambda r: r.final[group][_main_metric(r, group)],
+    )
+
+
+def paired_by(
+    method: list[Run], base: list[Run], value: Callable[[Run], float]
+) -> tuple[float, float, int] | None:
+    """Mean paired difference (same seed) of ``value``, its 95 % t-interval half-width, and
+    the number of pairs; None without two pairs."""
     by_seed = {r.seed: r for r in base}
-    diffs = [
-        r.final[group][_main_metric(r, group)]
-        - by_seed[r.seed].final[group][_main_metric(r, group)]
-        for r in method
-        if r.seed in by_seed and group in r.final and group in by_seed[r.seed].final
-    ]
+    diffs = [value(r) - value(by_seed[r.seed]) for r in method if r.seed in by_seed]
     if len(diffs) < 2:
         return None
     half = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
@@ -474,6 +512,77 @@ def targets_section(runs: list[Run]) -> list[str]:
     return out + [""]
 
 
+def pooled_section(runs: list[Run]) -> list[str]:
+    """HtFLlib's number, per federation whose runs all report it: accuracy pooled over every
+    client's test rows (all correct / all scored) at the final round, at the best round
+    (chosen on test, as HtFLlib reports: biased upwards) and at the round the validation rows
+    chose; the paired difference to LocalOnly with its 95 % interval, whose widest half-width
+    is the instrument's resolution; the order of the field's methods against HtFLlib's."""
+    by_fed: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_fed[run.federation].append(run)
+    out: list[str] = []
+    for federation, fed_runs in sorted(by_fed.items()):
+        t = Table.of(fed_runs)
+        classifying = all(t.metrics[g][0] == "accuracy" for g in t.groups)
+        if not classifying or not all(r.pooled for r in fed_runs):
+            continue
+        choices = ["final", "best"]
+        if all(r.pooled_validation for r in fed_runs):
+            choices.append("validation")
+        names = {"final": "final", "best": "best (on test)", "validation": "chosen on validation"}
+        out += [
+            f"## Pooled accuracy, HtFLlib's number ({federation})",
+            "",
+            "| method | seeds | "
+            + " | ".join(names[c] for c in choices)
+            + " | "
+            + " | ".join(f"Δ {names[c]} vs LocalOnly" for c in choices if c != "best")
+            + " | local steps per client |",
+            "|---|---:|" + "---:|" * (2 * len(choices) - 1 + 1),
+        ]
+        halves = []
+        for m, rs in t.by_method.items():
+            cells = [
+                "{:.1f} ± {:.1f}".format(
+                    *(100 * v for v in _mean_std([r.pooled_at(c) for r in rs]))
+                )
+                for c in choices
+            ]
+            for c in (c for c in choices if c != "best"):
+                diff = (
+                    None
+                    if m == LOCAL
+                    else paired_by(rs, t.by_method.get(LOCAL, []), lambda r, c=c: r.pooled_at(c))
+                )
+                if diff is None:
+                    cells.append("–")
+                    continue
+                cells.append(f"{100 * diff[0]:+.1f} ± {100 * diff[1]:.1f} (n={diff[2]})")
+                halves.append(100 * diff[1])
+            steps = statistics.mean(r.steps_per_client for r in rs)
+            out.append(f"| {m} | {len(rs)} | {' | '.join(cells)} | {steps:,.0f} |")
+        final = {
+            m: statistics.mean(r.pooled_at("final") for r in rs) for m, rs in t.by_method.items()
+        }
+        ours = sorted((m for m in final if m in HTFL_C10_DIR01), key=final.get, reverse=True)
+        theirs = [m for m in HTFL_C10_DIR01 if m in ours]
+        chance = [t.chance(g) for g in t.groups]
+        out += [
+            "",
+            f"Chance (most frequent label of a client's test rows, mean over groups): "
+            f"{100 * statistics.mean(c for c in chance if c is not None):.1f} %."
+            if any(c is not None for c in chance)
+            else "",
+            "Resolution: the widest half-width of a paired 95 % interval above is "
+            + (f"{max(halves):.1f} points." if halves else "unknown (fewer than two seeds)."),
+            f"Order at the final round: {' > '.join(ours) or '–'}; HtFLlib's (CIFAR-10, Dir "
+            f"0.1, ≥ 22.7k local steps per client): {' > '.join(theirs) or '–'}.",
+            "",
+        ]
+    return out
+
+
 def field_section(runs: list[Run]) -> list[str]:
     """Where MergeNet stands among the field's baselines, per federation that has them:
     each method's mean gain over LocalOnly (local test, mean over groups), best first, and the
@@ -671,6 +780,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "over local training time.",
         "",
         *(targets_section(runs) if on_test else []),
+        *pooled_section(runs),
         *field_section(runs),
         "## Per federation",
         "",

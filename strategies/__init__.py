@@ -1,5 +1,6 @@
 """Flower strategies for heterogeneous federations: MergeNet and its baselines (LocalOnly,
-GroupFedAvg, and the field's LG-FedAvg, FedProto, FD, FML and FedKD), on one client protocol."""
+GroupFedAvg, and the field's LG-FedAvg, FedProto, FD, FML, FedKD, FedTGP and FedGH), on one
+client protocol."""
 
 from strategies.base import ClientReply, PeerStrategy
 from strategies.baselines import GroupFedAvg, LocalOnly
@@ -7,6 +8,7 @@ from strategies.fedproto import FD, FedProto
 from strategies.lgfedavg import LGFedAvg
 from strategies.mergenet import MergeNet
 from strategies.protocol import ClientIdentity, group_state_dicts
+from strategies.server_trained import FedGH, FedTGP
 from strategies.shared_model import FML, FedKD
 
 __all__ = [
@@ -14,8 +16,10 @@ __all__ = [
     "FML",
     "ClientIdentity",
     "ClientReply",
+    "FedGH",
     "FedKD",
     "FedProto",
+    "FedTGP",
     "GroupFedAvg",
     "LGFedAvg",
     "LocalOnly",

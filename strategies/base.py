@@ -154,6 +154,13 @@ class PeerStrategy(Strategy):
         """Extra array records per node for this round's train messages."""
         return {}
 
+    def evaluate_records(
+        self, server_round: int, identities: dict[int, p.ClientIdentity]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        """Extra array records per node for this round's evaluate messages: what the method
+        scores its clients with (LG-FedAvg's and FedGH's head, the global prototypes)."""
+        return {}
+
     def validate(self, server_round: int, reply: ClientReply) -> None:
         """Decode and check what the subclass needs from a reply (into ``reply.extras``).
 
@@ -370,16 +377,16 @@ class PeerStrategy(Strategy):
         self._stage_start = time.time()
         base = {**dict(config), p.ROUND: server_round}
         self._sampled = nodes
+        known = {nid: self.identities[nid] for nid in nodes if nid in self.identities}
+        extras = self.evaluate_records(server_round, known)
+        messages = []
         for nid in nodes:
-            self._bytes_down[nid] = 0
-        return [
-            Message(
-                RecordDict({p.CONFIG: ConfigRecord(dict(base))}),
-                dst_node_id=nid,
-                message_type=MessageType.EVALUATE,
-            )
-            for nid in nodes
-        ]
+            content = RecordDict({p.CONFIG: ConfigRecord(dict(base))})
+            for key, record in extras.get(nid, {}).items():
+                content[key] = record
+            self._bytes_down[nid] = p.array_bytes(content)
+            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.EVALUATE))
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -5,6 +5,7 @@ their strategy); the client's loops, data, sampling and messages are the same fo
     extension.begin(msg, model)                   # before training
     loss = task_loss + extension.loss(features, logits, labels, forward)   # every batch
     records = extension.end(msg, model, embed)    # after training: added to the reply
+    scored = extension.scored(msg, model)         # evaluation: the model as the method scores
 
 ``features`` are the input of the model's head, ``(B, d)``; ``forward(other, head)`` runs the
 same batch through another model (FML's shared model, FedKD's mentee: the method's
@@ -16,6 +17,7 @@ client's training set under the trained model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -62,6 +64,11 @@ class ClientExtension:
         """Records to add to the train reply."""
         return {}
 
+    def scored(self, msg: Message, model: nn.Module) -> nn.Module:
+        """The model an evaluate message scores (``model`` itself, or a copy with what the
+        server sent for scoring in place: LG-FedAvg's head, FedProto's prototypes)."""
+        return model
+
 
 class MergeNetClient(ClientExtension):
     """MergeNet's client: before training it installs ``W + A'B' − AB`` in its transfer
@@ -84,26 +91,83 @@ class MergeNetClient(ClientExtension):
         return records
 
 
+HEAD_SCORES = ("global", "local")  # scored with the server's head, or with the client's own
+MEAN_SCORES = ("prototype", "head")  # nearest global class mean, or the model's own head
+
+
+def install_head(msg: Message, model: nn.Module, head: str) -> bool:
+    """Load the server's head (record ``head``: ``weight``, ``bias``) into module ``head`` of
+    ``model``; False when the message carries none."""
+    if p.HEAD not in msg.content.array_records:
+        return False
+    module = model.get_submodule(head)
+    arrays = p.from_record(msg.content.array_records[p.HEAD])
+    if set(arrays) != {"weight", "bias"} or not p.fits(arrays, module.state_dict()):
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        raise PacketError(
+            f"the global head {shapes} does not fit this model's {head!r} "
+            f"({tuple(module.weight.shape)}): the method needs one head shape for all clients"
+        )
+    module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    return True
+
+
+def with_head(msg: Message, model: nn.Module, head: str) -> nn.Module:
+    """A copy of ``model`` with the server's head installed (``model`` when none came)."""
+    if p.HEAD not in msg.content.array_records:
+        return model
+    copy = deepcopy(model)
+    install_head(msg, copy, head)
+    return copy
+
+
+class NearestMean(nn.Module):
+    """A head that scores features by their distance to class means: logits ``−‖x − μ_c‖²/d``
+    (HtFLlib's MSE), classes without a mean ruled out. ``means: (C, d)``, ``present: (C,)``."""
+
+    def __init__(self, means: torch.Tensor, present: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("means", means)
+        self.register_buffer("present", present)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features: (B, d)`` -> logits ``(B, C)``."""
+        x, means = features.float(), self.means.to(features.device)
+        distance = torch.cdist(x, means).square() / means.shape[1]
+        return (-distance).masked_fill(~self.present.to(features.device), -1e9)
+
+
+def read_means(msg: Message, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The server's class means in record ``key``: ``means (C, d)`` and ``present (C,)``
+    (classes with a count); None when the message carries none."""
+    if key not in msg.content.array_records:
+        return None
+    record = p.from_record(msg.content.array_records[key])
+    means, counts = record.get("means"), record.get("counts")
+    if means is None or counts is None or means.ndim != 2 or counts.shape != means.shape[:1]:
+        raise PacketError(f"global {key} need 'means' (C, d) and 'counts' (C,)")
+    if not np.isfinite(means).all():
+        raise PacketError(f"global {key} are not finite")
+    return torch.from_numpy(means.astype(np.float32)), torch.from_numpy(counts > 0)
+
+
 class SharedHead(ClientExtension):
     """LG-FedAvg's client: the head (``head``: its module name) is averaged over every client,
     the feature extractor stays local. The head travels as ``weight`` and ``bias``, whatever its
     module is called, so that models of different architectures share it."""
 
-    def __init__(self, head: str) -> None:
-        self.head = head
+    def __init__(self, head: str, score: str = "global") -> None:
+        if score not in HEAD_SCORES:
+            raise ValueError(f"score={score!r}; choose one of {HEAD_SCORES}")
+        self.head, self.score = head, score
 
     def begin(self, msg: Message, model: nn.Module) -> None:
-        if p.HEAD not in msg.content.array_records:
-            return
-        module = model.get_submodule(self.head)
-        head = p.from_record(msg.content.array_records[p.HEAD])
-        if set(head) != {"weight", "bias"} or not p.fits(head, module.state_dict()):
-            shapes = {k: tuple(v.shape) for k, v in head.items()}
-            raise PacketError(
-                f"the global head {shapes} does not fit this model's {self.head!r} "
-                f"({tuple(module.weight.shape)}): LG-FedAvg needs one head shape for all clients"
-            )
-        module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in head.items()})
+        install_head(msg, model, self.head)
+
+    def scored(self, msg: Message, model: nn.Module) -> nn.Module:
+        """With the global head installed, as HtFLlib scores LG-FedAvg (``score=local``: the
+        client's own head, after its local training)."""
+        return with_head(msg, model, self.head) if self.score == "global" else model
 
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
         module = model.get_submodule(self.head)
@@ -115,31 +179,45 @@ class SharedHead(ClientExtension):
 
 
 class ClassMeans(ClientExtension):
-    """The client of FedProto and FD: pulls each example's ``of`` (``features``: the head's
-    input, FedProto's prototypes; ``logits``: FD's per-class average logits) towards the
-    server's mean for its class (``weight`` · MSE), and sends the mean per class over its
-    training set, with the class counts, as record ``key``."""
+    """The client of FedProto, FedTGP and FD: pulls each example's ``of`` (``features``: the
+    head's input, FedProto's prototypes; ``logits``: FD's per-class average logits) towards
+    the server's mean for its class (``weight`` · MSE), and sends the mean per class over its
+    training set, with the class counts, as record ``key``. ``score="prototype"`` (features
+    only) scores a client by the nearest global prototype, as HtFLlib scores FedProto and
+    FedTGP (:class:`NearestMean`, with the means of the evaluate message); ``"head"``: by its
+    own head."""
 
-    adds_loss = True
-
-    def __init__(self, num_classes: int, weight: float = 1.0, of: str = "features") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float = 1.0,
+        of: str = "features",
+        score: str = "head",
+        head: str = "",
+    ) -> None:
         if of not in ("features", "logits"):
             raise ValueError(f"ClassMeans of {of!r}; choose 'features' or 'logits'")
-        self.num_classes, self.weight, self.of = num_classes, weight, of
+        if score not in MEAN_SCORES or (score == "prototype" and of != "features"):
+            raise ValueError(f"score={score!r}; choose 'head', or 'prototype' for features")
+        if score == "prototype" and not head:
+            raise ValueError("prototype scoring needs the head's module name (head=...)")
+        self.num_classes, self.weight, self.of, self.score = num_classes, weight, of, score
+        self.head = head  # the module the prototypes replace when scoring
         self.key = p.PROTOS if of == "features" else p.LOGITS
+        self.adds_loss = weight > 0
         self.means: torch.Tensor | None = None  # (C, d), the server's
         self.present: torch.Tensor | None = None  # (C,) bool: classes the server has seen
 
     def begin(self, msg: Message, model: nn.Module) -> None:
-        self.means = self.present = None
-        if self.key not in msg.content.array_records:
-            return
-        record = p.from_record(msg.content.array_records[self.key])
-        means, counts = record.get("means"), record.get("counts")
-        if means is None or counts is None or means.ndim != 2 or counts.shape != means.shape[:1]:
-            raise PacketError(f"global {self.key} need 'means' (C, d) and 'counts' (C,)")
-        self.means = torch.from_numpy(means.astype(np.float32))
-        self.present = torch.from_numpy(counts > 0)
+        self.means, self.present = read_means(msg, self.key) or (None, None)
+
+    def scored(self, msg: Message, model: nn.Module) -> nn.Module:
+        received = read_means(msg, self.key) if self.score == "prototype" else None
+        if received is None:
+            return model
+        copy = deepcopy(model)
+        copy.set_submodule(self.head, NearestMean(*received))
+        return copy
 
     def loss(
         self,
@@ -183,10 +261,29 @@ class ClassMeans(ClientExtension):
         }
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) per example (``batchmean``), the teacher's logits held fixed."""
+class GlobalHead(ClassMeans):
+    """FedGH's client: trains on its task loss alone with the server's head installed (before
+    training and for scoring, as HtFLlib does), and sends its class prototypes, on which the
+    server trains that head."""
+
+    def __init__(self, num_classes: int, head: str) -> None:
+        super().__init__(num_classes, weight=0.0, of="features", head=head)
+
+    def begin(self, msg: Message, model: nn.Module) -> None:
+        install_head(msg, model, self.head)
+
+    def scored(self, msg: Message, model: nn.Module) -> nn.Module:
+        return with_head(msg, model, self.head)
+
+
+KL_REDUCTIONS = ("batchmean", "mean")  # per example (the KL's definition) | per class too
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> torch.Tensor:
+    """KL(teacher ‖ student), the teacher's logits held fixed: ``batchmean`` per example;
+    ``mean`` also over classes (``nn.KLDivLoss()``'s default, HtFLlib's: 1/C as strong)."""
     return F.kl_div(
-        F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction="batchmean"
+        F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction=reduction
     )
 
 
@@ -203,10 +300,19 @@ class MutualLearning(ClientExtension):
 
     adds_loss = True
 
-    def __init__(self, shared: nn.Module, head: str, alpha: float = 0.5, beta: float = 0.5) -> None:
+    def __init__(
+        self,
+        shared: nn.Module,
+        head: str,
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        kl: str = "batchmean",
+    ) -> None:
         if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0):
             raise ValueError(f"alpha and beta must be in [0, 1], got {alpha}, {beta}")
-        self.shared, self.head, self.alpha, self.beta = shared, head, alpha, beta
+        if kl not in KL_REDUCTIONS:
+            raise ValueError(f"kl={kl!r}; choose one of {KL_REDUCTIONS}")
+        self.shared, self.head, self.alpha, self.beta, self.kl = shared, head, alpha, beta, kl
 
     def modules(self) -> dict[str, nn.Module]:
         return {"shared": self.shared}
@@ -251,9 +357,9 @@ class MutualLearning(ClientExtension):
         own_ce = F.cross_entropy(logits, labels)  # the task already adds it once, weight 1
         return (
             (self.alpha - 1.0) * own_ce
-            + (1.0 - self.alpha) * _kl(logits, shared_logits)
+            + (1.0 - self.alpha) * _kl(logits, shared_logits, self.kl)
             + self.beta * F.cross_entropy(shared_logits, labels)
-            + (1.0 - self.beta) * _kl(shared_logits, logits)
+            + (1.0 - self.beta) * _kl(shared_logits, logits, self.kl)
         )
 
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
@@ -273,9 +379,15 @@ class MentorMentee(MutualLearning):
     """
 
     def __init__(
-        self, shared: nn.Module, head: str, own_width: int, mentee_width: int, seed: int = 0
+        self,
+        shared: nn.Module,
+        head: str,
+        own_width: int,
+        mentee_width: int,
+        seed: int = 0,
+        kl: str = "batchmean",
     ) -> None:
-        super().__init__(shared, head)
+        super().__init__(shared, head, kl=kl)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.projection = nn.Linear(mentee_width, own_width, bias=False)
@@ -308,7 +420,7 @@ class MentorMentee(MutualLearning):
         weight = 1.0 / (own_ce + mentee_ce).detach().clamp_min(1e-6)
         hidden = F.mse_loss(features, self.projection(mentee_features))
         return mentee_ce + weight * (
-            _kl(logits, mentee_logits) + _kl(mentee_logits, logits) + 2.0 * hidden
+            _kl(logits, mentee_logits, self.kl) + _kl(mentee_logits, logits, self.kl) + 2.0 * hidden
         )
 
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:

@@ -1,9 +1,12 @@
 """FedProto (Tan et al., AAAI 2022) and FD (Jeong et al., 2018): clients send a mean per class
 with the class counts — of their features (FedProto's prototypes) or of their logits (FD) —
-the server averages them per class, weighted by the counts, and each client pulls its own
-towards the global mean of their class (``λ · MSE``, :class:`~strategies.extension.ClassMeans`).
-Models of any architecture take part as long as the exchanged width is one: the head's input
-for FedProto, the number of classes for FD."""
+the server averages them per class (``mean="plain"``: over the clients that have the class,
+as HtFLlib and FedProto's code do; ``"weighted"``: by the counts), and each client pulls its
+own towards the global mean of their class (``λ · MSE``,
+:class:`~strategies.extension.ClassMeans`). FedProto's evaluate messages carry the global
+prototypes, by which HtFLlib scores a client (nearest prototype). Models of any architecture
+take part as long as the exchanged width is one: the head's input for FedProto, the number of
+classes for FD."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from mergenet_fl import PacketError
 from strategies import protocol as p
 from strategies.base import ClientReply, PeerStrategy
 
+MEANS = ("plain", "weighted")  # a class's global mean: over clients, or over examples
+
 
 class FedProto(PeerStrategy):
     """Global per-class means ``(C, d)`` of the clients' features; a client whose shape
@@ -24,9 +29,13 @@ class FedProto(PeerStrategy):
     key = p.PROTOS  # the record both ways
     method = "FedProto"
     needs = "one feature width (the head's input) and class count"
+    scored_with_means = True  # evaluate messages carry the global means (nearest prototype)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, mean: str = "plain", **kwargs: Any) -> None:
+        if mean not in MEANS:
+            raise ValueError(f"mean={mean!r}; choose one of {MEANS}")
         super().__init__(share="none", **kwargs)
+        self.mean = mean
         self.means: np.ndarray | None = None  # (C, d)
         self.counts: np.ndarray | None = None  # (C,) examples behind each global mean
 
@@ -37,6 +46,11 @@ class FedProto(PeerStrategy):
             return {}
         record = {"means": self.means, "counts": self.counts}
         return {nid: {self.key: p.to_record(record)} for nid in identities}
+
+    def evaluate_records(
+        self, server_round: int, identities: dict[int, p.ClientIdentity]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        return self.train_records(server_round, identities) if self.scored_with_means else {}
 
     def validate(self, server_round: int, reply: ClientReply) -> None:
         if self.key not in reply.content.array_records:
@@ -55,19 +69,26 @@ class FedProto(PeerStrategy):
         reply.extras["means"] = (means.astype(np.float64), counts.astype(np.float64))
 
     def absorb(self, server_round: int, replies: list[ClientReply]) -> dict[str, Any]:
-        parts = [r.extras["means"] for r in replies]
+        parts = self.class_means(replies)
         if not parts:
             return {}
+        counts = sum(c for _, c in parts)
+        weights = [c if self.mean == "weighted" else (c > 0).astype(np.float64) for _, c in parts]
+        total = sum(weights)
+        sums = sum(means * w[:, None] for (means, _), w in zip(parts, weights, strict=True))
+        self.means = (sums / np.maximum(total, 1e-12)[:, None]).astype(np.float32)
+        self.counts = counts.astype(np.float32)
+        return {"classes": int((counts > 0).sum())}
+
+    def class_means(self, replies: list[ClientReply]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each reply's ``(means (C, d), counts (C,))``, of one shape for all."""
+        parts = [r.extras["means"] for r in replies]
         shapes = {means.shape for means, _ in parts}
         if len(shapes) > 1:  # the first round: no reference yet to drop the odd ones against
             raise ValueError(
                 f"{self.method} needs {self.needs} for all clients, got {sorted(shapes)}"
             )
-        counts = sum(c for _, c in parts)
-        sums = sum(means * c[:, None] for means, c in parts)
-        self.means = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
-        self.counts = counts.astype(np.float32)
-        return {"classes": int((counts > 0).sum())}
+        return parts
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "means": self.means, "counts": self.counts}
@@ -83,3 +104,4 @@ class FD(FedProto):
     key = p.LOGITS
     method = "FD"
     needs = "one class count"
+    scored_with_means = False

@@ -122,6 +122,20 @@ def group_curves(
     return {g: {r: s / n for r, (s, n) in sorted(rounds.items())} for g, rounds in sums.items()}
 
 
+def pooled_curve(
+    lines: list[dict[str, Any]], metric: str = "accuracy", weight: str = "num-examples"
+) -> dict[int, float]:
+    """Round -> ``metric`` pooled over every client that reported it: all correct over all
+    scored when ``metric`` is an accuracy and ``weight`` its example count (HtFLlib's number;
+    ``val_accuracy`` with ``val_num_examples``: the validation rows')."""
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for line in lines:
+        if line.get("stage") == "evaluate" and metric in line and line.get(weight, 0) > 0:
+            sums[line["round"]][0] += line[metric] * line[weight]
+            sums[line["round"]][1] += line[weight]
+    return {r: s / n for r, (s, n) in sorted(sums.items())}
+
+
 def bytes_per_round(lines: list[dict[str, Any]]) -> dict[int, tuple[int, int]]:
     """Round -> (bytes down, bytes up) over all clients, train stage."""
     out: dict[int, list[int]] = defaultdict(lambda: [0, 0])

@@ -6,6 +6,7 @@ from harness import needs_real_data
 from simulations import data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
+from simulations.tasks import get_task
 from strategies import FML, FedKD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
 
 
@@ -144,3 +145,33 @@ def test_local_test_rows_follow_each_clients_label_mix():
     assert np.abs(shares[0] - shares[1]).max() > 0.2  # label skew shows in the test rows too
     flat = np.bincount(build_workload(uniform, 0).eval_set.labels.numpy(), minlength=4) / 128
     assert np.abs(flat - 0.25).max() < 0.1  # eval_split=test: the test split's own mix
+
+
+def test_htfllib_protocol_sets_its_training_and_evaluation_and_overrides_still_win():
+    cfg = compose("federation=htfe4 protocol=htfllib")
+    assert (cfg.batch_size, cfg.local_epochs, cfg.local_steps) == (10, 1, None)
+    assert (cfg.augment, cfg.bn_calibration, cfg.optimizer_state) == (False, False, "fresh")
+    assert (cfg.split, cfg.test_fraction, cfg.min_partition_size) == ("pooled", 0.25, 40)
+    for task in ("image_classification", "text_classification"):  # SGD 0.01 for every task
+        train = cfg.train_config(task)
+        assert (train.optimizer, train.lr, train.momentum) == ("sgd", 0.01, 0.0)
+        assert (train.weight_decay, train.max_grad_norm) == (0.0, None)
+    assert compose("federation=htfe4 protocol=htfllib batch_size=32").batch_size == 32
+    default = compose("federation=htfe4")
+    assert default.train_config("image_classification") == get_task("image_classification").config
+    assert (default.batch_size, default.augment, default.split) == (32, True, "standard")
+
+
+def test_a_configured_client_lr_is_every_clients_and_bad_optimiser_settings_are_named():
+    cfg = compose(
+        "federation=tiny federation.examples_per_client=16 "
+        "client_optimizer.lr=0.02 client_optimizer.momentum=0.5"
+    )
+    work = build_workload(cfg, 0)
+    assert work.lr == 0.02 and work.task.config.momentum == 0.5
+    with pytest.raises(ConfigError) as info:
+        compose("client_optimizer.momentum=1.5 client_optimizer.lr=fast +client_optimizer.beta=1")
+    text = str(info.value)
+    assert "client_optimizer.beta is unknown" in text
+    assert "client_optimizer.lr must be a number or null, got 'fast'" in text
+    assert "TrainConfig.momentum must be in [0, 1), got 1.5" in text

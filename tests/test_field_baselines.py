@@ -7,13 +7,14 @@ from copy import deepcopy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
 from harness import FakeGrid, app_nodes, set_task_identity
 from mergenet_fl import PacketError
 from simulations.client_app import make_client_app
-from simulations.config import compose
+from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
 from simulations.preflight import problems
 from strategies import client as mc
@@ -78,7 +79,7 @@ def protos(rows: list[list[float]], counts: list[float]) -> dict:
 
 
 def test_fedproto_averages_each_class_by_its_counts():
-    strategy = FedProto()
+    strategy = FedProto(mean="weighted")
     replies = [
         reply("a", "cnn", 4, protos=protos([[1.0, 1.0], [0.0, 0.0]], [3, 0])),  # has no class 1
         reply("b", "resnet", 4, protos=protos([[5.0, 5.0], [2.0, 4.0]], [1, 2])),
@@ -476,3 +477,22 @@ def test_class_means_come_from_the_model_with_batchnorm_re_estimated_as_for_eval
     _, expected, _ = next(iter(work.task.embed(calibrated, work.train_set, "fc", **scoring)))
     _, stale, _ = next(iter(work.task.embed(work.model, work.train_set, "fc", **scoring)))
     assert torch.allclose(logits, expected) and not torch.allclose(logits, stale, atol=1e-3)
+
+
+def test_fml_kl_per_class_is_one_class_count_weaker_as_in_htfllib():
+    torch.manual_seed(0)
+    logits, shared_logits = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.randint(0, 5, (6,))
+
+    def kl_term(kl: str) -> float:
+        ext = MutualLearning(nn.Linear(2, 5), "fc", alpha=0.0, beta=1.0, kl=kl)
+        total = ext.loss(
+            torch.zeros(6, 2), logits, labels, lambda other, head: (None, shared_logits)
+        )
+        ce = F.cross_entropy(shared_logits, labels) - F.cross_entropy(logits, labels)
+        return (total - ce).item()  # what is left: KL(shared ‖ own)
+
+    assert kl_term("batchmean") > 0
+    assert kl_term("batchmean") == pytest.approx(5 * kl_term("mean"), rel=1e-5)
+    with pytest.raises(ConfigError, match="strategy.kl must be one of"):
+        compose("strategy=fml strategy.kl=sum")

@@ -308,3 +308,90 @@ def test_benchmark_report_shows_both_test_splits_and_ranks_the_fields_methods(tm
     )
     assert "How far this is from HtFLlib's regime: here 2 clients" in text
     assert "100 training examples each (Dirichlet 0.1), 2 rounds of 4 batches of 32" in text
+
+
+def pooled_run(root, name, strategy, seed, rounds):
+    """Two clients of one group with 30 and 10 test rows: ``rounds`` is per round
+    ``(accuracy a, accuracy b, validation accuracy a, validation accuracy b)``, the
+    validation rows 4 and 4; each client trains 5 steps a round."""
+    run = root / name
+    run.mkdir(parents=True)
+    clients = [
+        {
+            "group": "r8",
+            "task": "image_classification",
+            "arch": "resnet8",
+            "dataset": "cifar10",
+            "count": 2,
+        }
+    ]
+    cfg = {
+        "seed": seed,
+        "transfer_every": 1,
+        "rank": 8,
+        "num_rounds": 3,
+        "batch_size": 10,
+        "strategy": {"name": strategy},
+        "adapter": {"variant": "lpka"},
+        "federation": {"clients": clients, "examples_per_client": 100, "alpha": 0.1},
+    }
+    OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+    lines = []
+    for rnd, (acc_a, acc_b, val_a, val_b) in enumerate(rounds, 1):
+        for client, n, acc, val in (("a", 30, acc_a, val_a), ("b", 10, acc_b, val_b)):
+            lines.append(
+                {
+                    "round": rnd,
+                    "stage": "train",
+                    "client": client,
+                    "group": "r8",
+                    "num-examples": 100,
+                    "train_seconds": 1.0,
+                    "train_steps": 5,
+                }
+            )
+            lines.append(
+                {
+                    "round": rnd,
+                    "stage": "evaluate",
+                    "client": client,
+                    "group": "r8",
+                    "num-examples": n,
+                    "accuracy": acc,
+                    "loss": 1.0,
+                    "chance": 0.5,
+                    "val_accuracy": val,
+                    "val_num_examples": 4,
+                }
+            )
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "run.json").write_text(json.dumps({"seconds": 12.0}))
+
+
+def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validation_round(
+    tmp_path,
+):
+    study = tmp_path / "study"
+    # pooled per round = (30·a + 10·b) / 40; validation pooled = (val a + val b) / 2
+    local = [(0.4, 0.8, 0.9, 0.9), (0.8, 0.2, 0.1, 0.1), (0.5, 0.5, 0.2, 0.2)]
+    for seed, shift in enumerate((0.0, 0.04)):
+        pooled_run(study, f"local{seed}", "local", seed, local)
+        better = [(a + 0.1 + shift, b, va, vb) for a, b, va, vb in local]
+        pooled_run(study, f"tgp{seed}", "fedtgp", seed, better)
+    run = next(r for r in collect(study) if r.method == "LocalOnly" and r.seed == 0)
+    assert run.pooled == pytest.approx({1: 0.5, 2: 0.65, 3: 0.5})
+    assert run.steps_per_client == 15
+    # the best round on test is 2; the validation rows choose round 1
+    assert [run.pooled_at(c) for c in ("final", "best", "validation")] == pytest.approx(
+        [0.5, 0.65, 0.5]
+    )
+    text = report_text(study, tmp_path / "pooled.md")
+    assert "## Pooled accuracy, HtFLlib's number" in text
+    # FedTGP gains 0.075 and 0.105 (30/40 of 0.14) over LocalOnly: mean 9.0, stdev 2.12
+    row = next(line for line in text.splitlines() if line.startswith("| FedTGP |"))
+    assert (
+        "| 59.0 ± 2.1 | 74.0 ± 2.1 | 59.0 ± 2.1 |" in row
+        and "+9.0 ± 19.1 (n=2)" in row
+        and row.endswith("| 15 |")
+    )
+    assert "Resolution: the widest half-width of a paired 95 % interval above is 19.1" in text
