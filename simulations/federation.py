@@ -303,7 +303,7 @@ def _split(
         min_partition_size=cfg.min_partition_size,
     )
     if cfg.split == "pooled":
-        share = np.random.default_rng((seed, len(labels))).permutation(parts[index])
+        share = np.random.default_rng(seed).permutation(parts[index])
         tests = round(len(share) * cfg.test_fraction)
         held = round(len(share) * cfg.validation_fraction)
         test, own = np.sort(share[:tests]), np.sort(share[tests : tests + held])

@@ -232,6 +232,14 @@ def paired_by(
     return statistics.mean(diffs), half, len(diffs)
 
 
+def by_federation(runs: list[Run]) -> dict[str, list[Run]]:
+    """Federation -> its runs."""
+    out: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        out[run.federation].append(run)
+    return out
+
+
 def collect(study_dir: Path) -> list[Run]:
     cache: dict[str, float] = {}
     defaults = conf_defaults()
@@ -418,10 +426,7 @@ def study_seconds(runs: list[Run]) -> float:
 def targets_section(runs: list[Run]) -> list[str]:
     """The issue's targets against what the runs measured (the federation that has both
     baselines and MergeNet (lpka))."""
-    by_fed: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_fed[run.federation].append(run)
-    tables = [Table.of(rs) for rs in by_fed.values()]
+    tables = [Table.of(rs) for rs in by_federation(runs).values()]
     pairs = [
         t
         for t in tables
@@ -518,11 +523,8 @@ def pooled_section(runs: list[Run]) -> list[str]:
     (chosen on test, as HtFLlib reports: biased upwards) and at the round the validation rows
     chose; the paired difference to LocalOnly with its 95 % interval, whose widest half-width
     is the instrument's resolution; the order of the field's methods against HtFLlib's."""
-    by_fed: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_fed[run.federation].append(run)
     out: list[str] = []
-    for federation, fed_runs in sorted(by_fed.items()):
+    for federation, fed_runs in sorted(by_federation(runs).items()):
         t = Table.of(fed_runs)
         classifying = all(t.metrics[g][0] == "accuracy" for g in t.groups)
         if not classifying or not all(r.pooled for r in fed_runs):
@@ -587,11 +589,8 @@ def field_section(runs: list[Run]) -> list[str]:
     """Where MergeNet stands among the field's baselines, per federation that has them:
     each method's mean gain over LocalOnly (local test, mean over groups), best first, and the
     baselines' order against HtFLlib's published one."""
-    by_fed: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_fed[run.federation].append(run)
     out: list[str] = []
-    for federation, fed_runs in sorted(by_fed.items()):
+    for federation, fed_runs in sorted(by_federation(runs).items()):
         t = Table.of(fed_runs)
         field_methods = [m for m in t.by_method if m in FIELD.values()]
         if LOCAL not in t.by_method or not field_methods:
@@ -752,9 +751,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         raise FileNotFoundError(f"no finished runs under {study_dir}")
     figures = dest.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    by_fed: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_fed[run.federation].append(run)
+    by_fed = by_federation(runs)
     splits = {run.eval_split for run in runs}
     if len(splits) > 1:
         raise ValueError(f"{study_dir} mixes runs scored on {sorted(splits)}; report them apart")

@@ -95,11 +95,11 @@ HEAD_SCORES = ("global", "local")  # scored with the server's head, or with the 
 MEAN_SCORES = ("prototype", "head")  # nearest global class mean, or the model's own head
 
 
-def install_head(msg: Message, model: nn.Module, head: str) -> bool:
-    """Load the server's head (record ``head``: ``weight``, ``bias``) into module ``head`` of
-    ``model``; False when the message carries none."""
+def install_head(msg: Message, model: nn.Module, head: str) -> None:
+    """Load the server's head (record ``head``: ``weight``, ``bias``), when the message carries
+    one, into module ``head`` of ``model``."""
     if p.HEAD not in msg.content.array_records:
-        return False
+        return
     module = model.get_submodule(head)
     arrays = p.from_record(msg.content.array_records[p.HEAD])
     if set(arrays) != {"weight", "bias"} or not p.fits(arrays, module.state_dict()):
@@ -109,7 +109,6 @@ def install_head(msg: Message, model: nn.Module, head: str) -> bool:
             f"({tuple(module.weight.shape)}): the method needs one head shape for all clients"
         )
     module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
-    return True
 
 
 def with_head(msg: Message, model: nn.Module, head: str) -> nn.Module:
@@ -281,10 +280,12 @@ KL_REDUCTIONS = ("batchmean", "mean")  # per example (the KL's definition) | per
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> torch.Tensor:
     """KL(teacher ‖ student), the teacher's logits held fixed: ``batchmean`` per example;
-    ``mean`` also over classes (``nn.KLDivLoss()``'s default, HtFLlib's: 1/C as strong)."""
-    return F.kl_div(
-        F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction=reduction
+    ``mean`` also over classes (``nn.KLDivLoss()``'s default, HtFLlib's: 1/C as strong; written
+    out here, as PyTorch means to change what its ``mean`` does)."""
+    kl = F.kl_div(
+        F.log_softmax(student, dim=1), F.softmax(teacher.detach(), dim=1), reduction="batchmean"
     )
+    return kl / student.shape[1] if reduction == "mean" else kl
 
 
 class MutualLearning(ClientExtension):
