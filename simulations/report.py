@@ -580,9 +580,24 @@ def pooled_section(runs: list[Run]) -> list[str]:
             + (f"{max(halves):.1f} points." if halves else "unknown (fewer than two seeds)."),
             f"Order at the final round: {' > '.join(ours) or '–'}; HtFLlib's (CIFAR-10, Dir "
             f"0.1, ≥ 22.7k local steps per client): {' > '.join(theirs) or '–'}.",
+            "Pairs the instrument separates at the final round (paired 95 % interval clear of "
+            "0): " + (", ".join(separated_pairs(t.by_method, final)) or "none") + ".",
             "",
         ]
     return out
+
+
+def separated_pairs(by_method: dict[str, list[Run]], final: dict[str, float]) -> list[str]:
+    """``"A > B (+d ± h)"`` for every pair of methods whose paired difference of pooled
+    final-round accuracy has a 95 % interval that excludes 0, largest difference first."""
+    out = []
+    ranked = sorted(final, key=final.get, reverse=True)
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1 :]:
+            diff = paired_by(by_method[a], by_method[b], lambda r: r.pooled_at("final"))
+            if diff is not None and abs(diff[0]) > diff[1]:
+                out.append((diff[0], f"{a} > {b} ({100 * diff[0]:+.1f} ± {100 * diff[1]:.1f})"))
+    return [text for _, text in sorted(out, reverse=True)]
 
 
 def field_section(runs: list[Run]) -> list[str]:

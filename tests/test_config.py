@@ -162,6 +162,13 @@ def test_htfllib_protocol_sets_its_training_and_evaluation_and_overrides_still_w
     assert (default.batch_size, default.augment, default.split) == (32, True, "standard")
 
 
+def test_full_scale_is_htfllibs_amounts_and_rounds_on_a_gpu():
+    cfg = compose("federation=htfe4 protocol=htfllib scale=full")
+    assert (cfg.num_rounds, cfg.device, cfg.client_gpus) == (2000, "cuda", 0.2)
+    assert cfg.examples_per_client >= 60_000  # no cap: each client keeps its whole share
+    assert compose("federation=htfe4 protocol=htfllib").num_rounds == 5  # scale=default
+
+
 def test_a_configured_client_lr_is_every_clients_and_bad_optimiser_settings_are_named():
     cfg = compose(
         "federation=tiny federation.examples_per_client=16 "

@@ -378,6 +378,8 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
         pooled_run(study, f"local{seed}", "local", seed, local)
         better = [(a + 0.1 + shift, b, va, vb) for a, b, va, vb in local]
         pooled_run(study, f"tgp{seed}", "fedtgp", seed, better)
+        clear = [(a + 0.2, b, va, vb) for a, b, va, vb in local]  # the same gain every seed
+        pooled_run(study, f"gh{seed}", "fedgh", seed, clear)
     run = next(r for r in collect(study) if r.method == "LocalOnly" and r.seed == 0)
     assert run.pooled == pytest.approx({1: 0.5, 2: 0.65, 3: 0.5})
     assert run.steps_per_client == 15
@@ -395,3 +397,7 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
         and row.endswith("| 15 |")
     )
     assert "Resolution: the widest half-width of a paired 95 % interval above is 19.1" in text
+    # FedGH gains 15.0 at both seeds (an interval of width 0); FedTGP's 19.1 covers 0, and so
+    # does FedGH's lead over FedTGP (6.0 ± 19.1)
+    separated = next(line for line in text.splitlines() if line.startswith("Pairs the"))
+    assert separated.endswith("clear of 0): FedGH > LocalOnly (+15.0 ± 0.0).")
