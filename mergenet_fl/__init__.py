@@ -2,6 +2,8 @@
 
 Client side: :func:`select_layers`, :func:`export_packet`, :func:`install_merged`,
 :func:`gradient_pieces`. Server side: :class:`KnowledgeBank`, :class:`Hypernetwork`.
+The Flower side (strategies, client helpers) is the subpackage :mod:`mergenet_fl.flower`,
+which needs ``flwr``; importing this package alone never imports it.
 """
 
 from mergenet_fl.adapter import LPKA, VARIANTS, AdapterConfig, SourceTokens

@@ -41,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.simulation import run_simulation
 
-from strategies.polling import PromptGrid
+from mergenet_fl.flower.polling import PromptGrid
 
 SCENARIOS = ("default", "paper", "paper-local", "flower-floor")
 PAPER = ["federation=paper", "local_steps=4", "evaluate_every=10"]
@@ -52,9 +52,9 @@ def run_scenario(name: str, rounds: int | None) -> dict[str, float | str | int]:
     """Run one scenario in this process and measure it."""
     if name == "flower-floor":
         return _floor(rounds or 60)
+    from mergenet_fl.flower.runlog import read_lines
     from simulations.config import compose
     from simulations.run import simulate
-    from strategies.runlog import read_lines
 
     overrides = ["checkpoint=false", *OVERRIDES[name]]
     if rounds or name != "default":  # the default federation keeps its own round count

@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from mergenet_fl.flower.protocol import NUM_EXAMPLES
+from mergenet_fl.flower.runlog import read_lines
 from simulations.config import compose
 from simulations.federation import build_workload
 from simulations.models import build_model
 from simulations.numerics import Numerics, bf16_is_fast
 from simulations.run import simulate
 from simulations.tasks import TrainState, get_task, plan_batches
-from strategies.protocol import NUM_EXAMPLES
-from strategies.runlog import read_lines
 
 ARCHS = ("cnn4", "convnet5", "convnet6", "resnet8_f512")
 

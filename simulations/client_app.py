@@ -20,11 +20,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from mergenet_fl.flower import client as mc
+from mergenet_fl.flower import protocol as p
 from simulations.config import ExperimentConfig, compose_cached
 from simulations.federation import Workload, build_workload, client_identity
 from simulations.tasks import TrainState, calibrated_batchnorm, resolve_device
-from strategies import client as mc
-from strategies import protocol as p
 
 TRAIN_STATE_KEY = "mergenet.train-state"
 GLOBAL_METRICS = ("accuracy", "f1", "em", "chance", "loss")  # scored on every evaluated set

@@ -20,10 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mergenet_fl import VARIANTS, AdapterConfig, HypernetConfig, SelectedLayer
-from simulations.models import ARCHITECTURES, build_model
-from simulations.numerics import PRECISIONS, Numerics
-from simulations.tasks import TrainConfig, get_task, resolve_device
-from strategies import (
+from mergenet_fl.flower import (
     FD,
     FML,
     FedGH,
@@ -36,8 +33,8 @@ from strategies import (
     MergeNet,
     PeerStrategy,
 )
-from strategies.base import RoundSink
-from strategies.extension import (
+from mergenet_fl.flower.base import RoundSink
+from mergenet_fl.flower.extension import (
     HEAD_SCORES,
     KL_REDUCTIONS,
     MEAN_SCORES,
@@ -49,8 +46,11 @@ from strategies.extension import (
     MutualLearning,
     SharedHead,
 )
-from strategies.fedproto import MEANS
-from strategies.protocol import SHARE_MODES
+from mergenet_fl.flower.fedproto import MEANS
+from mergenet_fl.flower.protocol import SHARE_MODES
+from simulations.models import ARCHITECTURES, build_model
+from simulations.numerics import PRECISIONS, Numerics
+from simulations.tasks import TrainConfig, get_task, resolve_device
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = (

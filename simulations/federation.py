@@ -16,13 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mergenet_fl import SelectedLayer, as_spec, select_layers
+from mergenet_fl.flower import ClientIdentity
 from simulations import cache
 from simulations import data as D
 from simulations.cache import KeyedCache
 from simulations.config import ExperimentConfig
 from simulations.models import ARCHITECTURES, build_model
 from simulations.tasks import Task, TrainState, get_task
-from strategies import ClientIdentity
 
 log = logging.getLogger(__name__)
 

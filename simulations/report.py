@@ -21,10 +21,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
-from simulations.config import CONF_DIR
-from simulations.models import build_model
-from simulations.preflight import NUM_CLASSES
-from strategies.runlog import (
+from mergenet_fl.flower.runlog import (
     SCORE_KEYS,
     bytes_per_round,
     chance_levels,
@@ -33,6 +30,9 @@ from strategies.runlog import (
     read_lines,
     round_axis,
 )
+from simulations.config import CONF_DIR
+from simulations.models import build_model
+from simulations.preflight import NUM_CLASSES
 
 matplotlib.use("Agg")  # files only, no display
 

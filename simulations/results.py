@@ -2,7 +2,7 @@
 
     python -m simulations.results check <run dir>     # exit 1 if the run failed
 
-What a run writes into its folder is :mod:`strategies.runlog`'s.
+What a run writes into its folder is :mod:`mergenet_fl.flower.runlog`'s.
 """
 
 from __future__ import annotations

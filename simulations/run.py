@@ -21,11 +21,11 @@ from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mergenet_fl.flower.base import NotEnoughNodes
 from simulations.client_app import make_client_app
 from simulations.config import ConfigError, ExperimentConfig, from_dictconfig
 from simulations.preflight import preflight
 from simulations.server_app import RunFailed, make_server_app, setup_logging
-from strategies.base import NotEnoughNodes
 
 log = logging.getLogger("simulations.run")
 

@@ -13,20 +13,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from mergenet_fl.flower.base import NotEnoughNodes
+from mergenet_fl.flower.checkpoint import Checkpointer, load_checkpoint
+from mergenet_fl.flower.protocol import CLIENT_STATE_DIR
+from mergenet_fl.flower.runlog import RunLog, read_lines, summarize
 from simulations.config import ExperimentConfig, compose
 from simulations.preflight import preflight
 from simulations.results import new_run_dir
-from strategies.base import NotEnoughNodes
-from strategies.checkpoint import Checkpointer, load_checkpoint
-from strategies.protocol import CLIENT_STATE_DIR
-from strategies.runlog import RunLog, read_lines, summarize
 
 log = logging.getLogger(__name__)
 
 
 def setup_logging() -> None:
     """Show this project's INFO logs next to Flower's (the app processes configure nothing)."""
-    for name in ("mergenet_fl", "strategies", "simulations"):
+    for name in ("mergenet_fl", "simulations"):
         logger = logging.getLogger(name)
         if not logger.handlers:
             handler = logging.StreamHandler()

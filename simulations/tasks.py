@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mergenet_fl.flower.extension import ClientExtension
 from simulations.data import QADataset
 from simulations.numerics import Numerics
-from strategies.extension import ClientExtension
 
 logger = logging.getLogger(__name__)
 
@@ -358,9 +358,10 @@ class _SupervisedTask:
         device : str or torch.device
             Where to train.
         extension : ClientExtension, optional
-            A method's client side: its :meth:`~strategies.extension.ClientExtension.loss` is
-            added to every batch's loss (``head``: the module whose input are the features),
-            and its :meth:`~strategies.extension.ClientExtension.modules` train with the model
+            A method's client side: its
+            :meth:`~mergenet_fl.flower.extension.ClientExtension.loss` is added to every
+            batch's loss (``head``: the module whose input are the features), and its
+            :meth:`~mergenet_fl.flower.extension.ClientExtension.modules` train with the model
             (one optimiser, whose state ``state`` carries).
         numerics : Numerics
             Precision of the forward passes and layout of convolutional models.

@@ -2,7 +2,7 @@
 client helpers, no Ray; and the marker for tests that read the shared real data.
 
 ``FakeGrid`` delivers each message to a :class:`TinyClient` that runs the same code a
-ClientApp runs (``strategies.client``), so the strategy is tested against the real protocol.
+ClientApp runs (``mergenet_fl.flower.client``), so the strategy is tested against the real protocol.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from mergenet_fl import LayerSpec, select_layers
+from mergenet_fl.flower import client as mc
+from mergenet_fl.flower.protocol import ClientIdentity
 from simulations.data import default_data_dir
-from strategies import client as mc
-from strategies.protocol import ClientIdentity
 
 RANK = 4
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from harness import needs_real_data
+from mergenet_fl.flower import FML, FedKD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
 from simulations import data
 from simulations.config import ConfigError, compose
 from simulations.federation import build_workload
 from simulations.tasks import get_task
-from strategies import FML, FedKD, FedProto, GroupFedAvg, LGFedAvg, LocalOnly, MergeNet
 
 
 def test_string_and_list_overrides_compose_the_same_config():

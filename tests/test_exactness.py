@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord
 
 from harness import RANK, FakeGrid, TinyClient, set_task_identity
 from mergenet_fl import AdapterConfig, HypernetConfig, LayerSpec, install_merged, select_layers
+from mergenet_fl.flower import GroupFedAvg, LocalOnly, MergeNet
 from mergenet_fl.selection import get_matrix
-from strategies import GroupFedAvg, LocalOnly, MergeNet
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord, MessageType
 
 from harness import RANK, FakeGrid, TinyClient, set_task_identity
 from mergenet_fl import AdapterConfig, HypernetConfig
-from strategies import MergeNet
-from strategies import protocol as p
+from mergenet_fl.flower import MergeNet
+from mergenet_fl.flower import protocol as p
 
 pytestmark = pytest.mark.faults
 
@@ -87,7 +87,7 @@ def test_leaver_is_logged_and_its_packet_ages_out(caplog):
 
 
 def test_an_error_reply_is_logged_on_one_line_with_its_cause():
-    from strategies.base import error_cause
+    from mergenet_fl.flower.base import error_cause
 
     wrapped = (
         "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "

@@ -13,23 +13,23 @@ from torch import nn
 
 from harness import FakeGrid, app_nodes, set_task_identity
 from mergenet_fl import PacketError
-from simulations.client_app import make_client_app
-from simulations.config import ConfigError, compose
-from simulations.federation import build_workload
-from simulations.preflight import problems
-from strategies import client as mc
-from strategies import protocol as p
-from strategies.base import ClientReply
-from strategies.extension import (
+from mergenet_fl.flower import client as mc
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply
+from mergenet_fl.flower.extension import (
     ClassMeans,
     MentorMentee,
     MergeNetClient,
     MutualLearning,
     SharedHead,
 )
-from strategies.fedproto import FD, FedProto
-from strategies.lgfedavg import LGFedAvg
-from strategies.shared_model import FML, FedKD
+from mergenet_fl.flower.fedproto import FD, FedProto
+from mergenet_fl.flower.lgfedavg import LGFedAvg
+from mergenet_fl.flower.shared_model import FML, FedKD
+from simulations.client_app import make_client_app
+from simulations.config import ConfigError, compose
+from simulations.federation import build_workload
+from simulations.preflight import problems
 
 
 @pytest.fixture(autouse=True)

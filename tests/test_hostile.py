@@ -22,8 +22,8 @@ from hypothesis.extra import numpy as hnp
 
 from harness import RANK, FakeGrid, TinyClient, set_task_identity
 from mergenet_fl import AdapterConfig, HypernetConfig, PacketError
-from strategies import MergeNet
-from strategies import protocol as p
+from mergenet_fl.flower import MergeNet
+from mergenet_fl.flower import protocol as p
 
 pytestmark = pytest.mark.hostile
 

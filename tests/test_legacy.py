@@ -6,9 +6,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType
 from flwr.client import NumPyClient
 
 from harness import FakeGrid, app_nodes, load_quickstart, set_task_identity
-from strategies import ClientIdentity, MergeNet
-from strategies import protocol as p
-from strategies.legacy import numpy_client_app, set_weights, weights
+from mergenet_fl.flower import ClientIdentity, MergeNet
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.legacy import numpy_client_app, set_weights, weights
 
 task = load_quickstart("pytorchexample/task.py")
 

@@ -12,9 +12,9 @@ SCRIPT = """
 import logging, sys
 if sys.argv[1] == "configured":
     logging.basicConfig(level=logging.INFO, format="MINE %(name)s: %(message)s")
-from strategies import MergeNet
+from mergenet_fl.flower import MergeNet
 MergeNet()
-logging.getLogger("strategies.mergenet").info("round 2: adapter step")
+logging.getLogger("mergenet_fl.flower.mergenet").info("round 2: adapter step")
 logging.getLogger("mergenet_fl.hypernet").warning("adapter step skipped")
 """
 
@@ -39,4 +39,4 @@ def test_strategy_lines_appear_once_in_the_log(mode):
     if mode == "plain":  # Flower's own format: "INFO :      <message>"
         assert "INFO" in text.split("round 2: adapter step")[0].splitlines()[-1]
     else:
-        assert "MINE strategies.mergenet: round 2: adapter step" in text
+        assert "MINE mergenet_fl.flower.mergenet: round 2: adapter step" in text

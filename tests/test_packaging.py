@@ -40,7 +40,15 @@ def test_the_package_is_the_library_and_the_strategies(tmp_path):
         names = archive.namelist()
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert packages == {"mergenet_fl", "strategies"}
-    assert "strategies/legacy.py" in names and "strategies/runlog.py" in names
+    assert packages == {"mergenet_fl"}  # nothing generic (e.g. "strategies") at the top level
+    assert "mergenet_fl/flower/legacy.py" in names and "mergenet_fl/flower/runlog.py" in names
     requires = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata.decode(), re.M)
     assert sorted(r.lower() for r in requires) == ["flwr", "matplotlib", "numpy", "torch"]
+
+
+def test_the_library_imports_without_flower():
+    """The core stays torch and numpy only: the Flower side is the ``mergenet_fl.flower``
+    subpackage, imported by whoever uses it."""
+    code = "import sys, mergenet_fl; print(sorted(m for m in sys.modules if 'flwr' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,13 +7,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from harness import FakeGrid, TinyClient, set_task_identity
-from strategies import polling
-from strategies.baselines import LocalOnly
-from strategies.polling import PromptGrid, pull_interval
+from mergenet_fl.flower import polling
+from mergenet_fl.flower.baselines import LocalOnly
+from mergenet_fl.flower.polling import PromptGrid, pull_interval
 
 
 class Clock:
-    """Virtual time for ``time.monotonic`` and ``time.sleep`` in :mod:`strategies.polling`."""
+    """Virtual time for ``time.monotonic`` and ``time.sleep`` in
+    :mod:`mergenet_fl.flower.polling`."""
 
     def __init__(self) -> None:
         self.now = 0.0

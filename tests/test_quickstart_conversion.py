@@ -31,7 +31,7 @@ from harness import (
     set_task_identity,
     wait_for_port,
 )
-from strategies import protocol as p
+from mergenet_fl.flower import protocol as p
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = QUICKSTART_APP  # the converted app; before/ holds the original

@@ -5,7 +5,7 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from strategies import runlog as results
+from mergenet_fl.flower import runlog as results
 
 
 def write(run_dir, lines):
@@ -202,7 +202,7 @@ def test_any_app_gets_jsonl_summary_and_plots_with_one_line(tmp_path):
     from flwr.app import ArrayRecord
 
     from harness import FakeGrid, TinyClient, set_task_identity
-    from strategies import MergeNet
+    from mergenet_fl.flower import MergeNet
 
     set_task_identity()
     grid = FakeGrid(

@@ -11,13 +11,13 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType
 
 from harness import FakeGrid, TinyClient, app_nodes, needs_real_data, set_task_identity
+from mergenet_fl.flower import LocalOnly
+from mergenet_fl.flower.base import NotEnoughNodes
 from simulations import federation
 from simulations.cache import KeyedCache, file_digest
 from simulations.client_app import make_client_app
 from simulations.config import compose
 from simulations.server_app import RunFailed, run_server
-from strategies import LocalOnly
-from strategies.base import NotEnoughNodes
 
 
 @pytest.fixture(autouse=True)
@@ -166,8 +166,8 @@ def test_evaluation_seconds_count_the_batchnorm_re_estimation(tmp_path, monkeypa
 def test_a_process_reloads_a_client_only_when_another_process_wrote_its_state():
     from flwr.app import ConfigRecord, Context, RecordDict
 
+    from mergenet_fl.flower import client as mc
     from simulations.client_app import TRAIN_STATE_KEY, save, sync
-    from strategies import client as mc
 
     work = federation.build_workload(compose("federation=tiny"), 0)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})

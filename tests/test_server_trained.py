@@ -10,14 +10,14 @@ from torch import nn
 
 from harness import FakeGrid, app_nodes, set_task_identity
 from mergenet_fl import PacketError
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply
+from mergenet_fl.flower.extension import ClassMeans, GlobalHead, NearestMean, SharedHead
+from mergenet_fl.flower.fedproto import FedProto
+from mergenet_fl.flower.server_trained import FedGH, FedTGP, class_gap
 from simulations.client_app import make_client_app
 from simulations.config import ConfigError, compose
 from simulations.preflight import problems
-from strategies import protocol as p
-from strategies.base import ClientReply
-from strategies.extension import ClassMeans, GlobalHead, NearestMean, SharedHead
-from strategies.fedproto import FedProto
-from strategies.server_trained import FedGH, FedTGP, class_gap
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
 
 from harness import RANK, FakeGrid, TinyClient, mlp, set_task_identity
-from strategies import GroupFedAvg, LocalOnly, MergeNet, group_state_dicts
-from strategies import client as mc
-from strategies import protocol as p
+from mergenet_fl.flower import GroupFedAvg, LocalOnly, MergeNet, group_state_dicts
+from mergenet_fl.flower import client as mc
+from mergenet_fl.flower import protocol as p
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def trains(grid: FakeGrid) -> list:
 def test_initial_arrays_start_every_model_they_fit_once(caplog):
     start_point = mlp(seed=99).state_dict()
     grid, strategy = federation(), LocalOnly(min_available_nodes=4)
-    with caplog.at_level(logging.INFO, logger="strategies"):
+    with caplog.at_level(logging.INFO, logger="mergenet_fl.flower"):
         start(strategy, grid, rounds=3, initial=ArrayRecord(start_point))
     first, later = trains(grid)[:4], trains(grid)[4:]
     assert all(p.INITIAL in m.content.array_records for m in first)
@@ -88,7 +88,7 @@ def test_evaluate_fn_runs_per_group_and_skips_a_group_it_cannot_evaluate(caplog)
         return MetricRecord({"norm": float(model[1].weight.norm())})
 
     grid, strategy = federation(), GroupFedAvg(min_available_nodes=4)
-    with caplog.at_level(logging.WARNING, logger="strategies"):
+    with caplog.at_level(logging.WARNING, logger="mergenet_fl.flower"):
         result = start(
             strategy,
             grid,
@@ -111,7 +111,7 @@ def test_evaluate_fn_without_group_models_is_warned_about_at_start(caplog):
     def evaluate_fn(server_round, arrays):
         calls.append(server_round)
 
-    with caplog.at_level(logging.WARNING, logger="strategies"):
+    with caplog.at_level(logging.WARNING, logger="mergenet_fl.flower"):
         start(LocalOnly(min_available_nodes=4), federation(), rounds=2, evaluate_fn=evaluate_fn)
     assert "exists only with share='all' (here share='none')" in caplog.text
     assert calls == []  # no initial arrays to evaluate, no group models
@@ -130,7 +130,7 @@ def test_result_arrays_hold_each_groups_model():
 
 
 def test_result_arrays_are_empty_when_nothing_is_shared(caplog):
-    with caplog.at_level(logging.INFO, logger="strategies"):
+    with caplog.at_level(logging.INFO, logger="mergenet_fl.flower"):
         result = start(LocalOnly(min_available_nodes=4), federation(), rounds=2)
     assert len(result.arrays) == 0
     assert "each model stays on its client" in caplog.text

@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType
 
 from harness import RANK, FakeGrid, TinyClient, set_task_identity
 from mergenet_fl import AdapterConfig, HypernetConfig
-from strategies import GroupFedAvg, LocalOnly, MergeNet
-from strategies import protocol as p
+from mergenet_fl.flower import GroupFedAvg, LocalOnly, MergeNet
+from mergenet_fl.flower import protocol as p
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from mergenet_fl import LayerSpec, select_layers
-from pytorchexample.task import Net, load_data
-from pytorchexample.task import test as test_fn
-from pytorchexample.task import train as train_fn
-from strategies import ClientIdentity
-from strategies.client import (
+from mergenet_fl.flower import ClientIdentity
+from mergenet_fl.flower.client import (
     evaluate_reply,
     load_local_model,
     query_reply,
@@ -17,6 +14,9 @@ from strategies.client import (
     reply,
     save_local_model,
 )
+from pytorchexample.task import Net, load_data
+from pytorchexample.task import test as test_fn
+from pytorchexample.task import train as train_fn
 
 # Flower ClientApp
 app = ClientApp()

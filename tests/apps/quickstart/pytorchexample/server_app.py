@@ -4,9 +4,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from mergenet_fl.flower import MergeNet, group_state_dicts
+from mergenet_fl.flower.runlog import RunLog
 from pytorchexample.task import Net, load_centralized_dataset, test
-from strategies import MergeNet, group_state_dicts
-from strategies.runlog import RunLog
 
 # Create ServerApp
 app = ServerApp()

@@ -9,8 +9,8 @@ the server averages the shared model; the clients' own models never travel.
   energy, ``T`` rising from ``T_start`` to ``T_end`` over the run, both ways; the server
   averages the recovered matrices uniformly (as HtFLlib does) and compresses the average.
 
-Their client side is :class:`~strategies.extension.MutualLearning` and
-:class:`~strategies.extension.MentorMentee`.
+Their client side is :class:`~mergenet_fl.flower.extension.MutualLearning` and
+:class:`~mergenet_fl.flower.extension.MentorMentee`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from mergenet_fl import PacketError
-from strategies import protocol as p
-from strategies.base import ClientReply, PeerStrategy
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply, PeerStrategy
 
 
 class FML(PeerStrategy):

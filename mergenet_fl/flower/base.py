@@ -24,10 +24,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from mergenet_fl import PacketError
-from strategies import protocol as p
-from strategies.checkpoint import set_rng_state
-from strategies.logs import show_in_flower_log
-from strategies.polling import PromptGrid
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.checkpoint import set_rng_state
+from mergenet_fl.flower.logs import show_in_flower_log
+from mergenet_fl.flower.polling import PromptGrid
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class PeerStrategy(Strategy):
         Called with one record per round and stage (e.g. to write JSON lines).
     on_round_end:
         Called with the strategy and the round number once a round (train and evaluate) is
-        complete, e.g. a :class:`~strategies.checkpoint.Checkpointer`.
+        complete, e.g. a :class:`~mergenet_fl.flower.checkpoint.Checkpointer`.
     seed:
         Seeds client sampling (with the round), so that strategies compared on one seed train
         and evaluate the same clients in every round.
@@ -207,7 +207,7 @@ class PeerStrategy(Strategy):
         the group's averaged model (``share="all"`` only), its metrics named
         ``"<group>/<metric>"``; a group it cannot evaluate is warned about once and skipped.
         ``Result.arrays``: every group's averaged parameters as ``"<group>/<name>"``
-        (:func:`~strategies.protocol.group_state_dicts` splits them), empty with
+        (:func:`~mergenet_fl.flower.protocol.group_state_dicts` splits them), empty with
         ``share="none"``, where each model stays on its client.
         """
         self.last_round = self.round_offset + num_rounds
@@ -222,10 +222,10 @@ class PeerStrategy(Strategy):
         log.info(
             "Result.arrays will hold %s",
             "nothing: with share='none' each model stays on its client (save it there, e.g. "
-            "with strategies.client.save_model_file)"
+            "with mergenet_fl.flower.client.save_model_file)"
             if self.share == "none"
             else "each architecture group's averaged parameters as '<group>/<name>' "
-            "(strategies.group_state_dicts splits them)",
+            "(mergenet_fl.flower.group_state_dicts splits them)",
         )
         if isinstance(grid, Grid):  # Flower's grids pull replies every 0.1 s (3 s deployed)
             grid = PromptGrid(grid, self.while_waiting)
@@ -401,7 +401,7 @@ class PeerStrategy(Strategy):
         return metrics
 
     def resume(self, checkpoint: dict[str, Any]) -> None:
-        """Continue after the round a :class:`~strategies.checkpoint.Checkpointer` saved.
+        """Continue after the round a :class:`~mergenet_fl.flower.checkpoint.Checkpointer` saved.
 
         ``start(num_rounds=N)`` then runs rounds ``checkpoint["round"] + 1`` onwards (Flower's
         own log counts from 1; this strategy's records use the run's round numbers).

@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord, Message
 from torch import nn
 
 from mergenet_fl import InstalledLayer, PacketError, SelectedLayer
-from strategies import client as mc
-from strategies import protocol as p
+from mergenet_fl.flower import client as mc
+from mergenet_fl.flower import protocol as p
 
 Embed = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 #: This batch through another model: ``forward(other, head) -> (features (B, d), logits (B, C))``
@@ -37,7 +37,7 @@ Forward = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor]]
 
 class ClientExtension:
     """Adds nothing: LocalOnly and GroupFedAvg (the group's averaged parameters, which every
-    method may use, are the protocol's: :func:`~strategies.client.load_group`)."""
+    method may use, are the protocol's: :func:`~mergenet_fl.flower.client.load_group`)."""
 
     adds_loss = False  # whether :meth:`loss` adds a term (it then reads the head's input)
     manifest = ""  # the manifest of a knowledge packet in :meth:`end`'s records (MergeNet)
@@ -74,8 +74,10 @@ class MergeNetClient(ClientExtension):
     """MergeNet's client: before training it installs ``W + A'B' − AB`` in its transfer
     ``layers`` with the server's merged factors; after, it sends its knowledge packet (rank
     ``rank``) when the server asks for one, and the gradient pieces of what it installed
-    (:func:`~strategies.client.install_factors`, :func:`~strategies.client.knowledge_records`:
-    the steps :func:`~strategies.client.receive` and :func:`~strategies.client.reply` take)."""
+    (:func:`~mergenet_fl.flower.client.install_factors`,
+    :func:`~mergenet_fl.flower.client.knowledge_records`: the steps
+    :func:`~mergenet_fl.flower.client.receive` and :func:`~mergenet_fl.flower.client.reply`
+    take)."""
 
     def __init__(self, layers: Sequence[SelectedLayer], rank: int) -> None:
         self.layers, self.rank = layers, rank

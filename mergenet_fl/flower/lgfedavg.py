@@ -1,6 +1,6 @@
 """LG-FedAvg (Liang et al., 2020) in HtFLlib's heterogeneous form: every client keeps its own
 feature extractor, and the classifier head is averaged over all clients, example-weighted.
-Its client side is :class:`~strategies.extension.SharedHead`."""
+Its client side is :class:`~mergenet_fl.flower.extension.SharedHead`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from mergenet_fl import PacketError
-from strategies import protocol as p
-from strategies.base import ClientReply, PeerStrategy
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply, PeerStrategy
 
 
 class LGFedAvg(PeerStrategy):

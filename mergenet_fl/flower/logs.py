@@ -6,7 +6,7 @@ import logging
 
 from flwr.common.logger import console_handler
 
-LOGGERS = ("strategies", "mergenet_fl")
+LOGGERS = ("mergenet_fl",)  # the library and its Flower strategies (mergenet_fl.flower)
 
 
 def show_in_flower_log() -> None:

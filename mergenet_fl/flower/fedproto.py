@@ -3,7 +3,7 @@ with the class counts — of their features (FedProto's prototypes) or of their 
 the server averages them per class (``mean="plain"``: over the clients that have the class,
 as HtFLlib and FedProto's code do; ``"weighted"``: by the counts), and each client pulls its
 own towards the global mean of their class (``λ · MSE``,
-:class:`~strategies.extension.ClassMeans`). FedProto's evaluate messages carry the global
+:class:`~mergenet_fl.flower.extension.ClassMeans`). FedProto's evaluate messages carry the global
 prototypes, by which HtFLlib scores a client (nearest prototype). Models of any architecture
 take part as long as the exchanged width is one: the head's input for FedProto, the number of
 classes for FD."""
@@ -16,8 +16,8 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from mergenet_fl import PacketError
-from strategies import protocol as p
-from strategies.base import ClientReply, PeerStrategy
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply, PeerStrategy
 
 MEANS = ("plain", "weighted")  # a class's global mean: over clients, or over examples
 

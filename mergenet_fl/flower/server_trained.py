@@ -1,7 +1,8 @@
 """Methods whose server trains a module on the clients' class prototypes (HtFLlib's FedTGP and
-FedGH): clients send FedProto's per-class mean features (:class:`~strategies.fedproto.FedProto`
-validates them), the server fits its module on the ``(prototype, class)`` pairs of the round
-for ``epochs`` passes of SGD in batches of ``batch_size``, and sends what it learnt.
+FedGH): clients send FedProto's per-class mean features
+(:class:`~mergenet_fl.flower.fedproto.FedProto` validates them), the server fits its module on
+the ``(prototype, class)`` pairs of the round for ``epochs`` passes of SGD in batches of
+``batch_size``, and sends what it learnt.
 
 - **FedTGP** (Zhang et al., AAAI 2024): trainable global prototypes
   (:class:`PrototypeGenerator`), learnt with a margin that keeps classes apart; clients pull
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from torch import nn
 
-from strategies import protocol as p
-from strategies.base import ClientReply
-from strategies.fedproto import FedProto
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply
+from mergenet_fl.flower.fedproto import FedProto
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -24,8 +24,8 @@ from mergenet_fl import (
     decode_factors,
     encode_factors,
 )
-from strategies import protocol as p
-from strategies.base import ClientReply, PeerStrategy
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.base import ClientReply, PeerStrategy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class MergeNet(PeerStrategy):
     clip_pieces:
         A client's gradient pieces are scaled down to at most this total norm (``None``: off).
     **kwargs:
-        :class:`~strategies.base.PeerStrategy` options (``share``, sampling, ``on_round``).
+        :class:`~mergenet_fl.flower.base.PeerStrategy` options (``share``, sampling, ``on_round``).
     """
 
     def __init__(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.base import PeerStrategy
+from mergenet_fl.flower.base import PeerStrategy
 
 
 class LocalOnly(PeerStrategy):

@@ -28,8 +28,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from mergenet_fl import LayerSpec, as_spec, select_layers
-from strategies import protocol as p
-from strategies.client import (
+from mergenet_fl.flower import protocol as p
+from mergenet_fl.flower.client import (
     evaluate_reply,
     load_local_model,
     query_reply,

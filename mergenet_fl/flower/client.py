@@ -12,7 +12,7 @@
         return reply(msg, model, layers, identity, installed, metrics, rank=8)
 
 ``layers`` is ``mergenet_fl.select_layers(model, spec)``; ``identity`` a
-:class:`~strategies.protocol.ClientIdentity`.
+:class:`~mergenet_fl.flower.protocol.ClientIdentity`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from mergenet_fl import (
     gradient_pieces,
     install_merged,
 )
-from strategies import protocol as p
+from mergenet_fl.flower import protocol as p
 
 MODEL_KEY = "mergenet.model"
 MERGENET_SECONDS = "mergenet_seconds"
