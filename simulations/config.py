@@ -48,7 +48,8 @@ from mergenet_fl.flower.extension import (
 )
 from mergenet_fl.flower.fedproto import MEANS
 from mergenet_fl.flower.protocol import SHARE_MODES
-from simulations.models import ARCHITECTURES, build_model
+from simulations import custom
+from simulations.models import ARCHITECTURES, ArchSpec, build_model, custom_arch
 from simulations.numerics import PRECISIONS, Numerics
 from simulations.tasks import TrainConfig, get_task, resolve_device
 
@@ -82,7 +83,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ClientGroup:
-    """``count`` clients of one architecture, task and dataset, sharing ``layers`` for transfer."""
+    """``count`` clients of one architecture, task and dataset, sharing ``layers`` for transfer.
+
+    ``arch`` and ``dataset`` are registry names, or the labels of the ``_target_`` mappings
+    ``model`` and ``data`` (:mod:`simulations.custom`): clients whose ``data`` is the same
+    mapping share that dataset's rows, as clients of one named dataset do.
+    """
 
     group: str
     arch: str
@@ -93,6 +99,18 @@ class ClientGroup:
     exclude: tuple[str, ...] = ()
     send_only: bool = False
     examples: int | None = None  # training examples per client (default: the federation's)
+    model: dict[str, Any] | None = None  # the arch as a `_target_` (any model)
+    head: str | None = None  # a `_target_` model's head: the nn.Linear whose input are features
+    data: dict[str, Any] | None = None  # the dataset as a `_target_` (any datasets.Dataset)
+    columns: dict[str, str] = field(default_factory=dict)  # `data`'s column names, if not
+    # image / text / label
+
+    @property
+    def arch_spec(self) -> ArchSpec:
+        """The architecture: the registry's, or the ``_target_`` model's with its ``head``."""
+        if self.model is None:
+            return ARCHITECTURES[self.arch]
+        return custom_arch(self.model, self.task, str(self.head))
 
 
 @dataclass(frozen=True)
@@ -253,9 +271,11 @@ class ExperimentConfig:
         )
 
     @property
-    def shared_arch(self) -> str:
-        """FML's shared model, FedKD's mentee: ``strategy.model``, else the first group's."""
-        return self.strategy.get("model") or self.clients[0].arch
+    def shared_arch(self) -> ArchSpec | None:
+        """FML's shared model, FedKD's mentee: the registry's ``strategy.model``, else the
+        first group's architecture (None: ``strategy.model`` is no registered name)."""
+        name = self.strategy.get("model")
+        return ARCHITECTURES.get(name) if name else self.clients[0].arch_spec
 
     def build_extension(
         self,
@@ -281,8 +301,9 @@ class ExperimentConfig:
         if name in ("fml", "fedkd"):
             kl = self.strategy.get("kl", "batchmean")
             arch = self.shared_arch
+            assert arch is not None, "preflight refuses an unknown strategy.model"
             shared = build_model(arch, num_classes, seed=self.seed * 1000 + SHARED_MODEL_SEED)
-            shared_head = ARCHITECTURES[arch].head
+            shared_head = arch.head
             if name == "fml":
                 alpha, beta = self.strategy.get("alpha", 0.5), self.strategy.get("beta", 0.5)
                 return MutualLearning(shared, shared_head, float(alpha), float(beta), kl)
@@ -291,6 +312,54 @@ class ExperimentConfig:
                 shared, shared_head, widths[0], widths[1].in_features, self.seed, kl
             )
         return ClientExtension()
+
+
+def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGroup | None:
+    """The group that entry ``c`` of ``federation.clients`` describes; what is wrong with it
+    goes to ``problems`` (None: it cannot be built at all)."""
+    missing = [k for k in ("group", "arch", "task", "dataset", "layers") if k not in c]
+    if missing:
+        problems.append(f"{where} lacks {missing}")
+        return None
+    layers = c["layers"]
+    if not (isinstance(layers, list) and layers):
+        problems.append(f"{where}.layers must be a non-empty list")
+    if not (isinstance(c.get("count", 1), int) and c.get("count", 1) >= 1):
+        problems.append(f"{where}.count must be >= 1")
+    model = c["arch"] if custom.is_target(c["arch"]) else None
+    data = c["dataset"] if custom.is_target(c["dataset"]) else None
+    for key in ("arch", "dataset"):
+        if isinstance(c[key], dict) and custom.TARGET not in c[key]:
+            problems.append(f"{where}.{key} must be a name or a mapping with _target_")
+    if model is not None and not isinstance(c.get("head"), str):
+        problems.append(f"{where}.head must name the _target_ model's output nn.Linear")
+    if model is None and "head" in c:
+        problems.append(
+            f"{where}.head applies to a _target_ arch only (a registered one has its own)"
+        )
+    columns = c.get("columns") or {}
+    unknown = sorted(set(columns) - set(custom.COLUMNS))
+    if unknown or not all(isinstance(v, str) for v in columns.values()):
+        problems.append(
+            f"{where}.columns maps {sorted(custom.COLUMNS)} to column names, got {columns!r}"
+        )
+    if columns and data is None:
+        problems.append(f"{where}.columns applies to a _target_ dataset only")
+    return ClientGroup(
+        group=str(c["group"]),
+        arch=custom.label(model) if model else str(c["arch"]),
+        task=str(c["task"]),
+        dataset=custom.label(data) if data else str(c["dataset"]),
+        layers=tuple(layers or ()),
+        count=int(c.get("count", 1)),
+        exclude=tuple(c.get("exclude", ())),
+        send_only=bool(c.get("send_only", False)),
+        examples=c.get("examples"),
+        model=model,
+        head=c.get("head"),
+        data=data,
+        columns=dict(columns),
+    )
 
 
 def _train_config(default: TrainConfig, given: dict[str, Any]) -> TrainConfig:
@@ -485,32 +554,9 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     )
     clients = []
     for i, c in enumerate(fed.get("clients") or []):
-        missing = [k for k in ("group", "arch", "task", "dataset", "layers") if k not in c]
-        if missing:
-            problems.append(f"federation.clients[{i}] lacks {missing}")
-            continue
-        layers = c["layers"]
-        need(
-            isinstance(layers, list) and layers,
-            f"federation.clients[{i}].layers must be a non-empty list",
-        )
-        need(
-            isinstance(c.get("count", 1), int) and c.get("count", 1) >= 1,
-            f"federation.clients[{i}].count must be >= 1",
-        )
-        clients.append(
-            ClientGroup(
-                group=str(c["group"]),
-                arch=str(c["arch"]),
-                task=str(c["task"]),
-                dataset=str(c["dataset"]),
-                layers=tuple(layers or ()),
-                count=int(c.get("count", 1)),
-                exclude=tuple(c.get("exclude", ())),
-                send_only=bool(c.get("send_only", False)),
-                examples=c.get("examples"),
-            )
-        )
+        group = client_group(c, f"federation.clients[{i}]", problems)
+        if group is not None:
+            clients.append(group)
     need(bool(clients), "federation.clients is empty")
     try:
         AdapterConfig(rank=raw.get("rank", 8), **adapter)

@@ -54,6 +54,7 @@ __all__ = [
     "build_tokenizer",
     "default_cache_dir",
     "check_dataset_files",
+    "check_files",
     "dataset_files",
     "default_data_dir",
     "load_cifar10",
@@ -63,6 +64,7 @@ __all__ = [
     "synthetic_images",
     "synthetic_qa_examples",
     "synthetic_texts",
+    "tokenizer_files",
     "verify",
 ]
 
@@ -250,10 +252,20 @@ def dataset_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
     return [root / rel for rel in DATASET_FILES.get(name, ())]
 
 
+def tokenizer_files(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The files :func:`build_tokenizer` reads (every text dataset's tokenizer)."""
+    return [_data_root(data_dir) / "bert-base-uncased/vocab.txt"]
+
+
 def check_dataset_files(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Every problem with the files of dataset ``name``: missing, or altered (sha256)."""
+    return check_files(dataset_files(name, data_dir))
+
+
+def check_files(paths: Sequence[Path]) -> list[str]:
+    """Every problem with ``paths``: missing, or altered (sha256, where it is known)."""
     problems = []
-    for path in dataset_files(name, data_dir):
+    for path in paths:
         try:
             if _known_key(path) is None:  # torchvision's batches have no pinned checksum
                 if not path.is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +18,11 @@ from torch.utils.data import Dataset
 
 from mergenet_fl import SelectedLayer, as_spec, select_layers
 from mergenet_fl.flower import ClientIdentity
-from simulations import cache
+from simulations import cache, custom
 from simulations import data as D
 from simulations.cache import KeyedCache
-from simulations.config import ExperimentConfig
-from simulations.models import ARCHITECTURES, build_model
+from simulations.config import ClientGroup, ExperimentConfig
+from simulations.models import build_model
 from simulations.tasks import Task, TrainState, get_task
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class Workload:
 
 
 _DATA: KeyedCache[ClientData] = KeyedCache("client-data", D.default_cache_dir)
+_CUSTOM_DATA: KeyedCache[ClientData] = KeyedCache("custom-client-data")  # memory only: a
+# `_target_` dataset may return other rows for the same config
 _WORKLOADS: KeyedCache[Workload] = KeyedCache("workloads")  # memory only: holds a model
 
 
@@ -111,10 +114,11 @@ def build_workload(
     # One initialisation per group, as FedAvg starts from one model: members that average
     # their weights must not start apart.
     seed = cfg.seed * 1000 + cfg.clients.index(spec)
-    data_parts = _data_parts(cfg, spec.dataset, index)
+    data_parts = _data_parts(cfg, spec, index)
     parts = {
         "data": data_parts,
-        "arch": spec.arch,
+        "arch": spec.model or spec.arch,
+        "head": spec.head,
         "task": spec.task,
         "layers": spec.layers,
         "exclude": spec.exclude,
@@ -124,12 +128,13 @@ def build_workload(
     }
 
     def build() -> Workload:
-        data = _DATA.get(data_parts, lambda: _client_data(cfg, spec.dataset, index))
-        model = build_model(spec.arch, data.num_classes, seed=seed)
+        cache = _DATA if spec.data is None else _CUSTOM_DATA
+        data = cache.get(data_parts, lambda: _client_data(cfg, spec, index))
+        arch = spec.arch_spec
+        model = build_model(arch, data.num_classes, seed=seed)
         layers = select_layers(model, as_spec(spec.layers, spec.exclude))
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         identity = client_identity(cfg, partition_id, client_id)
-        arch = ARCHITECTURES[spec.arch]
         task = get_task(spec.task, cfg.train_config(spec.task))
         lr = cfg.client_optimizer.get("lr") or arch.lr  # a configured lr is every client's
         return Workload(identity, model, layers, task, data, initial, arch.head, lr)
@@ -137,11 +142,13 @@ def build_workload(
     return _WORKLOADS.get(parts, build)
 
 
-def _data_parts(cfg: ExperimentConfig, dataset: str, index: int) -> dict[str, object]:
-    """Everything client ``index`` of ``dataset`` has its data built from."""
+def _data_parts(cfg: ExperimentConfig, spec: ClientGroup, index: int) -> dict[str, object]:
+    """Everything client ``index`` of ``spec``'s dataset has its data built from."""
+    dataset = spec.dataset
     return {
         "version": DATA_VERSION,
         "dataset": dataset,
+        "target": [spec.data, spec.columns, spec.task],
         "index": index,
         "seed": cfg.seed,
         "partition": cfg.partition,
@@ -159,23 +166,18 @@ def _data_parts(cfg: ExperimentConfig, dataset: str, index: int) -> dict[str, ob
     }
 
 
-def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
+def _client_data(cfg: ExperimentConfig, spec: ClientGroup, index: int) -> ClientData:
     """Train partition ``index`` of the dataset's clients and an evaluation subset (of the test
     split; ``local``: with the label distribution of the client's partition; ``validation``:
     of the training rows no client trains on)."""
+    name = spec.dataset
     pooled = cfg.split == "pooled"
     validation = cfg.eval_split == "validation" and not pooled
     seed = cfg.seed * 1000 + index
-    if name in IMAGE_DATASETS:
-        if name == "cifar10":
-            x, y = D.load_cifar10("train", cfg.data_dir)
-            tx, ty = (x, y) if validation else D.load_cifar10("test", cfg.data_dir)
-            num_classes = 10
-        else:  # one distribution, cut into a train and a test split
-            num_classes = SYNTHETIC_CLASSES[name]
-            images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
-            x, y = images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN]
-            tx, ty = (x, y) if validation else (images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
+    if spec.task == "image_classification":
+        x, y, tx, ty, num_classes = _images(cfg, spec)
+        if validation:
+            tx, ty = x, y
         if pooled:  # HtFLlib: one pool of rows for every client's train and test
             x = tx = np.concatenate([x, tx])
             y = ty = np.concatenate([np.asarray(y), np.asarray(ty)])
@@ -194,17 +196,8 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             images(uniform),
             images(own),
         )
-    if name in TEXT_DATASETS:
-        if name == "synthetic-text":
-            num_classes = SYNTHETIC_CLASSES[name]
-            all_texts, all_labels = D.synthetic_texts(
-                SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, seed=0
-            )
-            texts, labels = all_texts[:SYNTHETIC_TRAIN], all_labels[:SYNTHETIC_TRAIN]
-            test_texts, test_labels = all_texts[SYNTHETIC_TRAIN:], all_labels[SYNTHETIC_TRAIN:]
-        else:
-            texts, labels, num_classes = D.load_text_classification(name, "train", cfg.data_dir)
-            test_texts, test_labels, _ = D.load_text_classification(name, "test", cfg.data_dir)
+    if spec.task == "text_classification":
+        texts, labels, test_texts, test_labels, num_classes = _texts(cfg, spec)
         if validation:
             test_texts, test_labels = texts, labels
         if pooled:  # HtFLlib: one pool of rows for every client's train and test
@@ -236,7 +229,7 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             sentences(uniform),
             sentences(own),
         )
-    if name in QA_DATASETS:
+    if spec.task == "extractive_qa":
         if pooled:
             raise ValueError(
                 f"federation.split=pooled splits classification rows by label; {name!r} is "
@@ -261,7 +254,44 @@ def _client_data(cfg: ExperimentConfig, name: str, index: int) -> ClientData:
             _counts(answerable[train], 2),
             None if uniform is None else questions(uniform),
         )
-    raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
+    raise ValueError(f"group {spec.group!r}: unknown task {spec.task!r}")
+
+
+def _images(
+    cfg: ExperimentConfig, spec: ClientGroup
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """An image dataset's train images ``[N, H, W, 3]`` uint8 and labels ``[N]``, its test
+    images and labels, and its class count."""
+    if spec.data is not None:
+        data = custom.load_data(spec.data, spec.task, spec.columns)
+        return (*_rows(data), data.num_classes)
+    if spec.dataset == "cifar10":
+        x, y = D.load_cifar10("train", cfg.data_dir)
+        return x, y, *D.load_cifar10("test", cfg.data_dir), 10
+    num_classes = SYNTHETIC_CLASSES[spec.dataset]  # one distribution, cut in two
+    images, labels = D.synthetic_images(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, 0)
+    cut = SYNTHETIC_TRAIN
+    return images[:cut], labels[:cut], images[cut:], labels[cut:], num_classes
+
+
+def _texts(cfg: ExperimentConfig, spec: ClientGroup) -> tuple[list, list, list, list, int]:
+    """A text dataset's train texts and labels, its test texts and labels, its class count."""
+    if spec.data is not None:
+        data = custom.load_data(spec.data, spec.task, spec.columns)
+        train, labels, test, test_labels = _rows(data)
+        return train, labels.tolist(), test, test_labels.tolist(), data.num_classes
+    if spec.dataset == "synthetic-text":
+        num_classes = SYNTHETIC_CLASSES[spec.dataset]
+        texts, labels = D.synthetic_texts(SYNTHETIC_TRAIN + SYNTHETIC_TEST, num_classes, seed=0)
+        cut = SYNTHETIC_TRAIN
+        return texts[:cut], labels[:cut], texts[cut:], labels[cut:], num_classes
+    texts, labels, num_classes = D.load_text_classification(spec.dataset, "train", cfg.data_dir)
+    test_texts, test_labels, _ = D.load_text_classification(spec.dataset, "test", cfg.data_dir)
+    return texts, labels, test_texts, test_labels, num_classes
+
+
+def _rows(data: custom.CustomData) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    return data.train_inputs, data.train_labels, data.test_inputs, data.test_labels
 
 
 def _counts(labels: np.ndarray, num_classes: int) -> tuple[int, ...]:

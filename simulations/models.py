@@ -33,18 +33,22 @@ return :class:`TextLogits`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet18
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
+
+from simulations import custom
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ __all__ = [
     "CifarResNet",
     "arch_spec",
     "build_model",
+    "custom_arch",
 ]
 
 _BERT_VOCAB_SIZE = 30522
@@ -461,14 +466,24 @@ ARCHITECTURES: MappingProxyType[str, ArchSpec] = MappingProxyType(
 )
 
 
-def arch_spec(arch: str) -> ArchSpec:
-    """Return the :class:`ArchSpec` of ``arch``.
+def custom_arch(spec: Mapping[str, Any], task: str, head: str) -> ArchSpec:
+    """The :class:`ArchSpec` of a model given as a ``_target_`` (:mod:`simulations.custom`),
+    solving ``task`` with the ``nn.Linear`` named ``head``."""
+    builder = functools.partial(custom.build_model, dict(spec))
+    return ArchSpec(custom.label(spec), task, head, (), False, builder)
+
+
+def arch_spec(arch: str | ArchSpec) -> ArchSpec:
+    """Return the :class:`ArchSpec` of ``arch`` (a registry key; an ArchSpec is returned as
+    it is).
 
     Raises
     ------
     ValueError
         If ``arch`` is unknown; the message lists the known names.
     """
+    if isinstance(arch, ArchSpec):
+        return arch
     try:
         return ARCHITECTURES[arch]
     except KeyError:
@@ -503,7 +518,7 @@ def _load_weights(model: nn.Module, spec: ArchSpec, path: Path, num_classes: int
 
 
 def build_model(
-    arch: str,
+    arch: str | ArchSpec,
     num_classes: int,
     *,
     pretrained_path: str | os.PathLike[str] | None = None,
@@ -513,8 +528,8 @@ def build_model(
 
     Parameters
     ----------
-    arch : str
-        A key of :data:`ARCHITECTURES`.
+    arch : str or ArchSpec
+        A key of :data:`ARCHITECTURES`, or the spec of a model target (:func:`custom_arch`).
     num_classes : int
         Output classes; must be 2 for ``distilbert_tiny_qa`` (start/end logits).
     pretrained_path : str or os.PathLike, optional
@@ -547,5 +562,5 @@ def build_model(
             model = spec.builder(num_classes)
     if pretrained_path is not None:
         model = _load_weights(model, spec, Path(pretrained_path).expanduser(), num_classes)
-    logger.debug("built %s: %d parameters", arch, sum(p.numel() for p in model.parameters()))
+    logger.debug("built %s: %d parameters", spec.name, sum(p.numel() for p in model.parameters()))
     return model.train()

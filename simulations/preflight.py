@@ -3,7 +3,8 @@
 A broken client would otherwise fail inside the simulation engine in every round while the
 run goes on without it. :func:`preflight` builds each architecture on the meta device (no
 memory, no time), selects its layers, checks tasks, datasets and their files (sha256), and the
-folder a run resumes from.
+folder a run resumes from. A ``_target_`` model must import and build with its head, and a
+``_target_`` dataset is loaded to check its columns and count its classes.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mergenet_fl import as_spec, select_layers
+from simulations import custom
 from simulations import data as D
-from simulations.config import ConfigError, ExperimentConfig
+from simulations.config import ClientGroup, ConfigError, ExperimentConfig
 from simulations.federation import DATASETS, IMAGE_DATASETS, QA_DATASETS, SYNTHETIC_CLASSES
 from simulations.models import ARCHITECTURES
 from simulations.tasks import TASKS
@@ -28,42 +31,21 @@ def task_of_dataset(dataset: str) -> str:
     return "extractive_qa" if dataset in QA_DATASETS else "text_classification"
 
 
+def num_classes(group: ClientGroup) -> int:
+    """The class count of ``group``'s dataset (a ``_target_`` dataset is loaded for it)."""
+    if group.data is None:
+        return NUM_CLASSES[group.dataset]
+    return custom.load_data(group.data, group.task, group.columns).num_classes
+
+
 def problems(cfg: ExperimentConfig) -> list[str]:
     """Everything that would make a client of ``cfg`` fail, one line each."""
     found: list[str] = []
     heads: dict[str, tuple[int, ...] | None] = {}  # group -> its head's (classes, features)
     for i, group in enumerate(cfg.clients):
         where = f"federation.clients[{i}] ({group.group})"
-        known = True
-        if group.arch not in ARCHITECTURES:
-            found.append(f"{where}: unknown arch {group.arch!r}; known: {sorted(ARCHITECTURES)}")
-            known = False
-        if group.task not in TASKS:
-            found.append(f"{where}: unknown task {group.task!r}; known: {sorted(TASKS)}")
-            known = False
-        if group.dataset not in DATASETS:
-            found.append(f"{where}: unknown dataset {group.dataset!r}; known: {list(DATASETS)}")
-            known = False
-        if not known:
-            continue
-        arch_task = ARCHITECTURES[group.arch].task
-        if arch_task != group.task or task_of_dataset(group.dataset) != group.task:
-            found.append(
-                f"{where}: arch {group.arch!r} solves {arch_task}, dataset {group.dataset!r} "
-                f"needs {task_of_dataset(group.dataset)}, and the group says {group.task}"
-            )
-            continue
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            model = ARCHITECTURES[group.arch].builder(NUM_CLASSES[group.dataset])
-        try:
-            select_layers(model, as_spec(group.layers, group.exclude))
-        except ValueError as exc:
-            found.append(f"{where}: layers {list(group.layers)}: {exc}")
-        spec = ARCHITECTURES[group.arch]
-        classification = group.task != "extractive_qa"
-        heads[group.group] = (
-            tuple(model.get_submodule(spec.head).weight.shape) if classification else None
-        )
+        group_problems = _group_problems(cfg, group, heads)
+        found += [f"{where}: {problem}" for problem in group_problems]
     found += _head_problems(cfg, heads)
     for dataset in dict.fromkeys(c.dataset for c in cfg.clients if c.dataset in DATASETS):
         found += D.check_dataset_files(dataset, cfg.data_dir)
@@ -77,6 +59,56 @@ def problems(cfg: ExperimentConfig) -> list[str]:
             f"resume={cfg.resume!r}: no checkpoint (server.ckpt) there; resume takes the folder "
             "of a run started with checkpoint=true"
         )
+    return found
+
+
+def _group_problems(
+    cfg: ExperimentConfig, group: ClientGroup, heads: dict[str, tuple[int, ...] | None]
+) -> list[str]:
+    """What is wrong with one client group; its head's weight shape goes to ``heads``."""
+    found = []
+    if group.model is None and group.arch not in ARCHITECTURES:
+        found.append(f"unknown arch {group.arch!r}; known: {sorted(ARCHITECTURES)}")
+    if group.task not in TASKS:
+        found.append(f"unknown task {group.task!r}; known: {sorted(TASKS)}")
+    if group.data is None and group.dataset not in DATASETS:
+        found.append(f"unknown dataset {group.dataset!r}; known: {list(DATASETS)}")
+    if found:
+        return found
+    try:
+        classes = num_classes(group)
+    except Exception as exc:  # a _target_ dataset: anything the user's callable raises
+        return [f"dataset: {exc}"]
+    data_task = task_of_dataset(group.dataset) if group.data is None else group.task
+    if group.data is not None:
+        if group.task == "text_classification":
+            found += D.check_files(D.tokenizer_files(cfg.data_dir))
+    spec = group.arch_spec
+    if spec.task != group.task or data_task != group.task:
+        return [
+            f"arch {group.arch!r} solves {spec.task}, dataset {group.dataset!r} needs "
+            f"{data_task}, and the group says {group.task}"
+        ]
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = spec.builder(classes)
+    except Exception as exc:  # a _target_ model: anything it raises is the problem
+        return [*found, f"arch cannot be built: {exc}"]
+    try:
+        select_layers(model, as_spec(group.layers, group.exclude))
+    except ValueError as exc:
+        found.append(f"layers {list(group.layers)}: {exc}")
+    if group.task == "extractive_qa":
+        heads[group.group] = None
+        return found
+    head = dict(model.named_modules()).get(spec.head)
+    if not isinstance(head, nn.Linear) or head.out_features != classes:
+        found.append(
+            f"head {spec.head!r} must be an nn.Linear with {classes} outputs (the "
+            f"dataset's classes), got {head!r}"
+        )
+    else:
+        heads[group.group] = tuple(head.weight.shape)
     return found
 
 
@@ -117,14 +149,17 @@ def _head_problems(cfg: ExperimentConfig, heads: dict[str, tuple[int, ...] | Non
         )
     if strategy in ("fml", "fedkd"):
         arch = cfg.shared_arch
-        if arch not in ARCHITECTURES:
-            found.append(f"strategy.model: unknown arch {arch!r}; known: {sorted(ARCHITECTURES)}")
+        if arch is None:
+            found.append(
+                f"strategy.model: unknown arch {cfg.strategy.get('model')!r}; known: "
+                f"{sorted(ARCHITECTURES)}"
+            )
         else:
-            wrong = sorted({c.group for c in cfg.clients if c.task != ARCHITECTURES[arch].task})
+            wrong = sorted({c.group for c in cfg.clients if c.task != arch.task})
             if wrong:
                 found.append(
-                    f"strategy {strategy}: the shared model {arch!r} solves "
-                    f"{ARCHITECTURES[arch].task}, which groups {wrong} do not; set strategy.model"
+                    f"strategy {strategy}: the shared model {arch.name!r} solves "
+                    f"{arch.task}, which groups {wrong} do not; set strategy.model"
                 )
     return found
 

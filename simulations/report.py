@@ -19,6 +19,7 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from mergenet_fl.flower.runlog import (
@@ -26,13 +27,15 @@ from mergenet_fl.flower.runlog import (
     bytes_per_round,
     chance_levels,
     group_curves,
+    plain_ticks,
     pooled_curve,
     read_lines,
     round_axis,
+    save_figure,
 )
-from simulations.config import CONF_DIR
+from simulations.config import CONF_DIR, client_group
 from simulations.models import build_model
-from simulations.preflight import NUM_CLASSES
+from simulations.preflight import num_classes
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -138,9 +141,10 @@ def fedavg_bytes(cfg: dict) -> float:
     """Bytes one round of FedAvg on the full models would move (down and up, every client)."""
     total = 0
     for client in cfg["federation"]["clients"]:
-        model = build_model(client["arch"], NUM_CLASSES.get(client["dataset"], 2))
+        group = client_group(client, "client", [])  # checked when the run started
+        model = build_model(group.arch_spec, num_classes(group))
         params = sum(p.numel() for p in model.parameters())
-        total += 2 * 4 * params * client.get("count", 1)
+        total += 2 * 4 * params * group.count
     return float(total)
 
 
@@ -226,10 +230,16 @@ def paired_by(
     the number of pairs; None without two pairs."""
     by_seed = {r.seed: r for r in base}
     diffs = [value(r) - value(by_seed[r.seed]) for r in method if r.seed in by_seed]
-    if len(diffs) < 2:
+    interval = t_interval(diffs)
+    return None if interval is None else (*interval, len(diffs))
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """The mean of ``values`` and its 95 % t-interval half-width; None with fewer than two."""
+    if len(values) < 2:
         return None
-    half = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return statistics.mean(diffs), half, len(diffs)
+    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.mean(values), half
 
 
 def by_federation(runs: list[Run]) -> dict[str, list[Run]]:
@@ -406,8 +416,8 @@ def federation_section(federation: str, runs: list[Run], figure: Path) -> list[s
         out.append("")
     for group in groups:
         path = group_figure(figure, group)
-        _plot(federation, table, group, path)
-        out += [f"![{federation}: {group}]({path.parent.name}/{path.name})", ""]
+        save_figure(_plot(federation, table, group), path)
+        out += [figure_link(f"{federation}: {group}", path), ""]
     return out
 
 
@@ -517,12 +527,14 @@ def targets_section(runs: list[Run]) -> list[str]:
     return out + [""]
 
 
-def pooled_section(runs: list[Run]) -> list[str]:
+def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
     """HtFLlib's number, per federation whose runs all report it: accuracy pooled over every
     client's test rows (all correct / all scored) at the final round, at the best round
     (chosen on test, as HtFLlib reports: biased upwards) and at the round the validation rows
-    chose; the paired difference to LocalOnly with its 95 % interval, whose widest half-width
-    is the instrument's resolution; the order of the field's methods against HtFLlib's."""
+    chose; the final round's 95 % interval; the paired difference to LocalOnly with its 95 %
+    interval, whose widest half-width is the instrument's resolution; the order of the field's
+    methods against HtFLlib's; and the final round's :func:`pooled_figure`, written to
+    ``<figures[federation]>-pooled.png``."""
     out: list[str] = []
     for federation, fed_runs in sorted(by_federation(runs).items()):
         t = Table.of(fed_runs)
@@ -533,16 +545,19 @@ def pooled_section(runs: list[Run]) -> list[str]:
         if all(r.pooled_validation for r in fed_runs):
             choices.append("validation")
         names = {"final": "final", "best": "best (on test)", "validation": "chosen on validation"}
+        columns = [
+            *(names[c] for c in choices),
+            "final, 95 % interval",
+            *(f"Δ {names[c]} vs LocalOnly" for c in choices if c != "best"),
+            "local steps per client",
+        ]
         out += [
             f"## Pooled accuracy, HtFLlib's number ({federation})",
             "",
-            "| method | seeds | "
-            + " | ".join(names[c] for c in choices)
-            + " | "
-            + " | ".join(f"Δ {names[c]} vs LocalOnly" for c in choices if c != "best")
-            + " | local steps per client |",
-            "|---|---:|" + "---:|" * (2 * len(choices) - 1 + 1),
+            "| method | seeds | " + " | ".join(columns) + " |",
+            "|---|---:|" + "---:|" * len(columns),
         ]
+        finals = {m: pooled_final(rs) for m, rs in t.by_method.items()}
         halves = []
         for m, rs in t.by_method.items():
             cells = [
@@ -551,6 +566,10 @@ def pooled_section(runs: list[Run]) -> list[str]:
                 )
                 for c in choices
             ]
+            mean, half = finals[m]
+            cells.append(
+                "–" if half is None else f"[{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
+            )
             for c in (c for c in choices if c != "best"):
                 diff = (
                     None
@@ -564,17 +583,17 @@ def pooled_section(runs: list[Run]) -> list[str]:
                 halves.append(100 * diff[1])
             steps = statistics.mean(r.steps_per_client for r in rs)
             out.append(f"| {m} | {len(rs)} | {' | '.join(cells)} | {steps:,.0f} |")
-        final = {
-            m: statistics.mean(r.pooled_at("final") for r in rs) for m, rs in t.by_method.items()
-        }
+        final = {m: mean for m, (mean, _) in finals.items()}
         ours = sorted((m for m in final if m in HTFL_C10_DIR01), key=final.get, reverse=True)
         theirs = [m for m in HTFL_C10_DIR01 if m in ours]
-        chance = [t.chance(g) for g in t.groups]
+        chance = pooled_chance(t)
+        figure = figures[federation].with_name(figures[federation].name + "-pooled.png")
+        save_figure(pooled_figure(federation, finals, chance), figure)
         out += [
             "",
             f"Chance (most frequent label of a client's test rows, mean over groups): "
-            f"{100 * statistics.mean(c for c in chance if c is not None):.1f} %."
-            if any(c is not None for c in chance)
+            f"{100 * chance:.1f} %."
+            if chance is not None
             else "",
             "Resolution: the widest half-width of a paired 95 % interval above is "
             + (f"{max(halves):.1f} points." if halves else "unknown (fewer than two seeds)."),
@@ -583,8 +602,62 @@ def pooled_section(runs: list[Run]) -> list[str]:
             "Pairs the instrument separates at the final round (paired 95 % interval clear of "
             "0): " + (", ".join(separated_pairs(t.by_method, final)) or "none") + ".",
             "",
+            figure_link(f"{federation}: pooled accuracy", figure),
+            "",
+            "Points: the mean over seeds; bars: that mean's 95 % t-interval. Overlapping bars "
+            "may still be told apart by the paired intervals above, in which what the runs of "
+            "one seed share cancels.",
+            "",
         ]
     return out
+
+
+def pooled_final(runs: list[Run]) -> tuple[float, float | None]:
+    """Pooled accuracy at the final round, mean over ``runs`` (seeds), and its 95 %
+    t-interval half-width (None with a single seed)."""
+    values = [r.pooled_at("final") for r in runs]
+    return t_interval(values) or (values[0], None)
+
+
+def pooled_chance(t: Table) -> float | None:
+    """The chance level beside pooled accuracy: the groups' (:meth:`Table.chance`), mean over
+    those that report one; None where none does."""
+    levels = [c for c in map(t.chance, t.groups) if c is not None]
+    return statistics.mean(levels) if levels else None
+
+
+def pooled_figure(
+    federation: str, finals: dict[str, tuple[float, float | None]], chance: float | None
+) -> Figure:
+    """Every method's pooled final-round accuracy, mean with its 95 % interval
+    (:func:`pooled_final`), best at the top; LocalOnly's mean dotted, chance dashed."""
+    ranked = sorted(finals, key=lambda m: finals[m][0])
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.35 * len(ranked)))
+    plain_ticks(ax)
+    ax.errorbar(
+        [100 * finals[m][0] for m in ranked],
+        range(len(ranked)),
+        xerr=[100 * (finals[m][1] or 0.0) for m in ranked],  # one seed: a point
+        fmt="o",
+        capsize=3,
+        label="mean over seeds, 95 % interval",
+    )
+    ax.set_yticks(range(len(ranked)), ranked)
+    if LOCAL in finals:
+        ax.axvline(100 * finals[LOCAL][0], color="grey", linestyle=":", label=f"{LOCAL} (mean)")
+    if chance is not None:
+        ax.axvline(100 * chance, color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="pooled accuracy at the final round (%)")
+    ax.grid(alpha=0.3, axis="x")
+    # above the axes: clear of every point, and the axes keep the figure's width
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1), ncols=3, frameon=False)
+    fig.suptitle(federation, fontsize=9)
+    return fig
+
+
+def figure_link(alt: str, path: Path) -> str:
+    """Markdown that shows ``path``, a figure in ``figures/`` beside the report."""
+    return f"![{alt}]({path.parent.name}/{path.name})"
 
 
 def separated_pairs(by_method: dict[str, list[Run]], final: dict[str, float]) -> list[str]:
@@ -646,7 +719,7 @@ def regime(run: Run) -> str:
     cfg = OmegaConf.to_container(OmegaConf.load(run.path / "config.yaml"))
     fed = cfg["federation"]
     clients = sum(c.get("count", 1) for c in fed["clients"])
-    archs = sorted({c["arch"] for c in fed["clients"]})
+    archs = sorted({client_group(c, "client", []).arch for c in fed["clients"]})
     steps = cfg.get("local_steps")
     per_round = f"{steps} batches of {cfg['batch_size']}" if steps else "local epochs"
     return (
@@ -740,10 +813,11 @@ def group_figure(figure: Path, group: str) -> Path:
     return figure.with_name(figure.name + "-" + re.sub(r"[^\w.-]+", "_", group) + ".png")
 
 
-def _plot(federation: str, table: Table, group: str, path: Path) -> None:
+def _plot(federation: str, table: Table, group: str) -> Figure:
     """One architecture group: every method's score per round (:func:`method_curves`), its
     chance level dashed (:meth:`Table.chance`)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    plain_ticks(ax)
     for method, curve in method_curves(table, group).items():
         ax.plot(list(curve), list(curve.values()), marker=".", label=method)
     if (level := table.chance(group)) is not None:
@@ -753,20 +827,20 @@ def _plot(federation: str, table: Table, group: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.suptitle(federation, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Path:
     """Write the report for the runs under ``study_dir`` to ``dest``; its figures, one per
-    federation and architecture group, go to ``figures/`` beside it."""
+    federation and architecture group and one of each classifying federation's pooled
+    accuracy, go to ``figures/`` beside it, named ``<dest's stem>-<federation's index>-…``."""
     runs = collect(study_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs under {study_dir}")
     figures = dest.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     by_fed = by_federation(runs)
+    stems = {f: figures / f"{dest.stem}-{i}" for i, f in enumerate(sorted(by_fed))}
     splits = {run.eval_split for run in runs}
     if len(splits) > 1:
         raise ValueError(f"{study_dir} mixes runs scored on {sorted(splits)}; report them apart")
@@ -792,12 +866,12 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "over local training time.",
         "",
         *(targets_section(runs) if on_test else []),
-        *pooled_section(runs),
+        *pooled_section(runs, stems),
         *field_section(runs),
         "## Per federation",
         "",
     ]
-    for i, (federation, fed_runs) in enumerate(sorted(by_fed.items())):
-        lines += federation_section(federation, fed_runs, figures / f"{dest.stem}-{i}")
+    for federation, fed_runs in sorted(by_fed.items()):
+        lines += federation_section(federation, fed_runs, stems[federation])
     dest.write_text("\n".join(lines), encoding="utf-8")
     return dest

@@ -7,6 +7,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+from simulations import report
 from simulations.report import Table, collect, method_curves, study_seconds, write_report
 
 
@@ -113,6 +114,19 @@ def report_text(study, dest) -> str:
     """Write the report of ``study`` to ``dest`` and return its text."""
     write_report(study, dest, title="T", command="cmd")
     return dest.read_text()
+
+
+def saved_figures(monkeypatch) -> dict:
+    """File name -> Figure, of every figure the report writes from now on (as written)."""
+    saved = {}
+    save = report.save_figure
+
+    def keep(fig, path):
+        saved[path.name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    return saved
 
 
 def test_report_means_gains_bytes_and_overhead(tmp_path):
@@ -368,11 +382,9 @@ def pooled_run(root, name, strategy, seed, rounds):
     (run / "run.json").write_text(json.dumps({"seconds": 12.0}))
 
 
-def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validation_round(
-    tmp_path,
-):
-    study = tmp_path / "study"
-    # pooled per round = (30·a + 10·b) / 40; validation pooled = (val a + val b) / 2
+def pooled_study(study):
+    """LocalOnly, FedTGP and FedGH at seeds 0 and 1 (:func:`pooled_run`): pooled per round
+    = (30·a + 10·b) / 40; validation pooled = (val a + val b) / 2."""
     local = [(0.4, 0.8, 0.9, 0.9), (0.8, 0.2, 0.1, 0.1), (0.5, 0.5, 0.2, 0.2)]
     for seed, shift in enumerate((0.0, 0.04)):
         pooled_run(study, f"local{seed}", "local", seed, local)
@@ -380,6 +392,13 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
         pooled_run(study, f"tgp{seed}", "fedtgp", seed, better)
         clear = [(a + 0.2, b, va, vb) for a, b, va, vb in local]  # the same gain every seed
         pooled_run(study, f"gh{seed}", "fedgh", seed, clear)
+
+
+def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validation_round(
+    tmp_path,
+):
+    study = tmp_path / "study"
+    pooled_study(study)
     run = next(r for r in collect(study) if r.method == "LocalOnly" and r.seed == 0)
     assert run.pooled == pytest.approx({1: 0.5, 2: 0.65, 3: 0.5})
     assert run.steps_per_client == 15
@@ -392,7 +411,7 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
     # FedTGP gains 0.075 and 0.105 (30/40 of 0.14) over LocalOnly: mean 9.0, stdev 2.12
     row = next(line for line in text.splitlines() if line.startswith("| FedTGP |"))
     assert (
-        "| 59.0 ± 2.1 | 74.0 ± 2.1 | 59.0 ± 2.1 |" in row
+        "| 59.0 ± 2.1 | 74.0 ± 2.1 | 59.0 ± 2.1 | [39.9, 78.1] |" in row
         and "+9.0 ± 19.1 (n=2)" in row
         and row.endswith("| 15 |")
     )
@@ -401,3 +420,56 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
     # does FedGH's lead over FedTGP (6.0 ± 19.1)
     separated = next(line for line in text.splitlines() if line.startswith("Pairs the"))
     assert separated.endswith("clear of 0): FedGH > LocalOnly (+15.0 ± 0.0).")
+
+
+def test_pooled_accuracy_figure_plots_the_tables_means_and_intervals(tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    pooled_study(study)
+    saved = saved_figures(monkeypatch)
+    text = report_text(study, tmp_path / "pooled.md")
+    assert (tmp_path / "figures" / "pooled-0-pooled.png").stat().st_size > 0
+    section = text.split("## Pooled accuracy")[1].split("\n## ")[0]
+    assert "](figures/pooled-0-pooled.png)" in section  # under its section
+    table = {}  # method -> (final mean, interval) in points, as the report writes them
+    for row in (line for line in section.splitlines() if line.startswith("| ")):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if bounds := re.fullmatch(r"\[(\S+), (\S+)\]", cells[5]):
+            table[cells[0]] = (float(cells[2].split(" ± ")[0]), tuple(map(float, bounds.groups())))
+    # FedTGP: 57.5 and 60.5, half-width t(0.975, 1) · stdev / √2 = 12.706 · 2.12 / 1.41 = 19.06
+    assert table == {
+        "LocalOnly": (50.0, (50.0, 50.0)),
+        "FedTGP": (59.0, (39.9, 78.1)),
+        "FedGH": (65.0, (65.0, 65.0)),
+    }
+
+    (ax,) = saved["pooled-0-pooled.png"].axes
+    (bars,) = ax.containers
+    points, _, (ranges,) = bars.lines
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["LocalOnly", "FedTGP", "FedGH"]  # worst at the bottom, best at the top
+    assert list(points.get_ydata()) == [0, 1, 2]
+    plotted = {
+        m: (x, (lo[0], hi[0]))
+        for m, x, (lo, hi) in zip(labels, points.get_xdata(), ranges.get_segments(), strict=True)
+    }
+    for method, (mean, interval) in table.items():
+        assert plotted[method][0] == pytest.approx(mean, abs=0.05)
+        assert plotted[method][1] == pytest.approx(interval, abs=0.05)
+    marks = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines()}
+    assert marks["LocalOnly (mean)"] == pytest.approx(50) and marks["chance"] == pytest.approx(50)
+
+
+def test_report_figures_show_plain_numbers(tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    for seed in (0, 1):  # scores equal up to float noise: what matplotlib writes as an offset
+        fake_run(study, f"l{seed}", "local", seed, [0.3, 0.3 + 1e-7], chance=0.3)
+        fake_run(study, f"m{seed}", "mergenet", seed, [0.3, 0.3 + 2e-7], chance=0.3)
+    saved = saved_figures(monkeypatch)
+    report_text(study, tmp_path / "results.md")
+    assert sorted(saved) == ["results-0-pooled.png", "results-0-r8.png"]
+    offsets = {
+        (name, axis.axis_name): axis.get_offset_text().get_text()
+        for name, fig in saved.items()
+        for axis in (fig.axes[0].xaxis, fig.axes[0].yaxis)
+    }
+    assert set(offsets.values()) == {""}, offsets

@@ -155,7 +155,7 @@ def test_a_run_without_traffic_says_so_instead_of_an_empty_chart(tmp_path):
     assert results.bytes_note({1: (0, 0), 2: (0, 0)}) == results.NO_BYTES
     assert results.bytes_note({}) == results.NO_BYTES
     assert results.bytes_note({1: (0, 0), 2: (10, 4)}) is None
-    results._plot_bytes({1: (0, 0)}, tmp_path / "bytes.png", "local")
+    results.save_figure(results.bytes_figure({1: (0, 0)}, "local"), tmp_path / "bytes.png")
     assert (tmp_path / "bytes.png").stat().st_size > 0
 
 
@@ -180,7 +180,7 @@ def test_each_groups_chance_is_a_labelled_dashed_line(tmp_path, monkeypatch):
         ),
     )
     curves = {"cnn": {1: 0.3}, "bert": {1: 0.6}}
-    results._plot_curves(curves, {"cnn": 0.1}, tmp_path / "accuracy.png", "t")
+    results.save_figure(results.curves_figure(curves, {"cnn": 0.1}, "t"), tmp_path / "accuracy.png")
     assert drawn == [(0.1, "--", "cnn chance")]  # bert reports no chance: no line
     assert (tmp_path / "accuracy.png").stat().st_size > 0
 
@@ -196,6 +196,42 @@ def test_who_learns_from_whom_per_target_group_and_round():
     assert stats == {
         "cnn": {r: {"effect": 0.2, "from cnn": 0.25, "from bert": 0.75} for r in (2, 3)}
     }
+
+
+def test_plots_show_plain_numbers_and_attention_shares_on_zero_to_one(tmp_path, monkeypatch):
+    # every series constant up to float noise in the 7th digit (a share of 1.0 from the mean of
+    # two layers' shares), bytes in the hundreds of MB: what matplotlib writes as offsets
+    def target(share):
+        return {"transfer_effect": 0.2, "attention": {"bert": share}}
+
+    lines = []
+    for rnd, noise in ((1, 0.0), (2, 1e-7), (3, 0.0)):
+        targets = {"a": {"fc": target(1.0), "conv": target(1.0 - 2 * noise)}}
+        lines += [
+            train("a", "cnn", [1, 1], rnd, bytes_down=10**8 + rnd, bytes_up=10**8),
+            {"round": rnd, "stage": "train", "server": {"targets": targets}},
+            evaluation("a", "cnn", 0.5 + noise, rnd=rnd),
+        ]
+    saved = {}
+    save = results.save_figure
+
+    def keep(fig, path):  # what summarize writes, drawn as written
+        saved[path.name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(results, "save_figure", keep)
+    summary(tmp_path, lines)
+    assert sorted(saved) == ["accuracy.png", "bytes.png", "transfer.png"]
+    assert results.transfers(lines)["cnn"][2]["from bert"] != 1.0  # the noise is there
+    _, shares = saved["transfer.png"].axes
+    assert shares.get_ylim() == (0.0, 1.0)
+    offsets = {
+        (name, i, axis.axis_name): axis.get_offset_text().get_text()
+        for name, fig in saved.items()
+        for i, ax in enumerate(fig.axes)
+        for axis in (ax.xaxis, ax.yaxis)
+    }
+    assert set(offsets.values()) == {""}, offsets
 
 
 def test_any_app_gets_jsonl_summary_and_plots_with_one_line(tmp_path):

@@ -24,7 +24,8 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -183,10 +184,10 @@ def summarize(run_dir: Path, title: str, seconds: float, groups: Sequence[str] =
         ]
     )
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
-    _plot_curves(curves, chance, run_dir / "accuracy.png", title)
-    _plot_bytes(traffic, run_dir / "bytes.png", title)
+    save_figure(curves_figure(curves, chance, title), run_dir / "accuracy.png")
+    save_figure(bytes_figure(traffic, title), run_dir / "bytes.png")
     if transfers(lines):
-        _plot_transfer(transfers(lines), run_dir / "transfer.png", title)
+        save_figure(transfer_figure(transfers(lines), title), run_dir / "transfer.png")
     return run_dir / "summary.md"
 
 
@@ -323,11 +324,25 @@ def round_axis(ax: plt.Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
-def _plot_curves(
-    curves: dict[str, dict[int, float]], chance: dict[str, float], path: Path, title: str
-) -> None:
+def plain_ticks(ax: plt.Axes) -> None:
+    """Tick labels that are the numbers themselves: with matplotlib's offset ("+1e-7") or
+    ×10ⁿ factor, a constant series whose means differ in the 7th digit looks jagged. Call it
+    before any tick labels of one's own (it needs the default formatter)."""
+    ax.ticklabel_format(style="plain", useOffset=False)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(
+    curves: dict[str, dict[int, float]], chance: dict[str, float], title: str
+) -> Figure:
     """Score per round per group; each group's chance level dashed in its colour."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    plain_ticks(ax)
     for group, points in sorted(curves.items()):
         (line,) = ax.plot(list(points), list(points.values()), marker="o", label=group)
         if group in chance:
@@ -343,9 +358,7 @@ def _plot_curves(
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def bytes_note(traffic: dict[int, tuple[int, int]]) -> str | None:
@@ -354,8 +367,11 @@ def bytes_note(traffic: dict[int, tuple[int, int]]) -> str | None:
     return None if any(d + u for d, u in traffic.values()) else NO_BYTES
 
 
-def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> None:
+def bytes_figure(traffic: dict[int, tuple[int, int]], title: str) -> Figure:
+    """Bytes per round, down and up; :func:`bytes_note` instead where nothing travelled."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    plain_ticks(ax)
+    ax.yaxis.set_major_formatter(EngFormatter(unit="B"))  # "250 kB", not "2.5" and "1e5"
     rounds = list(traffic)
     if note := bytes_note(traffic):
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
@@ -376,27 +392,27 @@ def _plot_bytes(traffic: dict[int, tuple[int, int]], path: Path, title: str) -> 
     ax.set(xlabel="round", ylabel="bytes", title=title)
     round_axis(ax)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
-def _plot_transfer(stats: dict[str, dict[int, dict[str, float]]], path: Path, title: str) -> None:
+def transfer_figure(stats: dict[str, dict[int, dict[str, float]]], title: str) -> Figure:
     """Per target group: its transfer effect, and the attention share of each source group."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax in axes:
+        plain_ticks(ax)
     for group, rounds in sorted(stats.items()):
         xs = list(rounds)
         axes[0].plot(xs, [rounds[r]["effect"] for r in xs], label=group)
         for key in sorted({k for r in rounds.values() for k in r if k.startswith("from ")}):
             ys = [rounds[r].get(key, float("nan")) for r in xs]
-            axes[1].plot(xs, ys, label=f"{group} ← {key[5:]}")
+            # shares of 0 or 1 sit on the frame: drawn over it rather than half hidden
+            axes[1].plot(xs, ys, marker=".", clip_on=False, label=f"{group} ← {key[5:]}")
     axes[0].set(xlabel="round", ylabel="transfer effect", title="how much the others change it")
     axes[1].set(xlabel="round", ylabel="attention share", title="who learns from whom")
+    axes[1].set_ylim(0, 1)  # shares of a whole: the same scale in every run and round
     for ax in axes:
         round_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
