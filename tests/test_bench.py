@@ -44,6 +44,7 @@ def test_rounds_benchmark_measures_the_critical_path():
     assert server == 0.75  # round 1's server work is left out with its wall time
 
 
+@pytest.mark.slow
 def test_flower_floor_scenario_prints_its_numbers():
     cmd = [sys.executable, "-m", "simulations.bench_rounds", "--scenarios", "flower-floor"]
     proc = subprocess.run([*cmd, "--rounds", "3"], capture_output=True, text=True, timeout=300)
@@ -53,6 +54,7 @@ def test_flower_floor_scenario_prints_its_numbers():
     assert result["compute_s"] == 0.0 and 0 < result["wall_s"] < 60
 
 
+@pytest.mark.slow
 def test_training_benchmark_prints_every_arch_batch_and_precision():
     cmd = [sys.executable, "-m", "simulations.bench_train", "--part", "steps", "--archs", "cnn4"]
     proc = subprocess.run(

@@ -13,7 +13,8 @@ import pytest
 from harness import BIN, Processes, free_port, needs_real_data, wait_for_port
 from simulations.data import default_data_dir
 
-pytestmark = [pytest.mark.deployment, needs_real_data]  # the text client reads the vocabulary
+# needs_real_data: the text client reads the vocabulary
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, needs_real_data]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -63,6 +63,7 @@ def test_untrained_mergenet_sharing_groups_is_exactly_group_fedavg():
     assert_same(mergenet, run(GroupFedAvg(**kwargs)))
 
 
+@pytest.mark.slow
 def test_every_transfer_round_records_who_learns_from_whom():
     _, records = run(frozen("none", fraction_train=1.0, min_available_nodes=5))
     transfers = [r["server"] for r in records if r["stage"] == "train" and r["server"]["transfer"]]

@@ -182,6 +182,7 @@ def train_messages(grid: FakeGrid, key: str) -> list[bool]:
     return [key in m.content.array_records for m in grid.sent if m.metadata.message_type == "train"]
 
 
+@pytest.mark.slow
 def test_lgfedavg_runs_by_name_and_every_client_starts_a_round_with_the_global_head():
     grid, out = run_by_name("lgfedavg")
     assert train_messages(grid, p.HEAD) == [False, False, True, True]
@@ -194,6 +195,7 @@ def test_lgfedavg_runs_by_name_and_every_client_starts_a_round_with_the_global_h
     assert out["strategy"].head["weight"].shape == (4, 512)
 
 
+@pytest.mark.slow
 def test_fedproto_runs_by_name_and_shares_prototypes_of_each_class():
     grid, out = run_by_name("fedproto")
     assert train_messages(grid, p.PROTOS) == [False, False, True, True]
@@ -221,6 +223,7 @@ def test_methods_that_share_the_head_refuse_federations_they_do_not_apply_to():
     assert any("every client needs the same class count" in f for f in found)
 
 
+@pytest.mark.slow
 def test_fd_runs_by_name():
     grid, out = run_by_name("fd")
     assert train_messages(grid, p.LOGITS) == [False, False, True, True]
@@ -369,6 +372,7 @@ def test_mentor_mentee_adapts_its_weights_projects_features_and_sends_factors():
     assert set(p.recover_state(sent)) == {"body.weight", "body.bias", "fc.weight", "fc.bias"}
 
 
+@pytest.mark.slow
 def test_fml_and_fedkd_run_by_name_and_keep_the_shared_model_between_rounds():
     for name, kind in (("fml", FML), ("fedkd", FedKD)):
         grid, out = run_by_name(name, rounds=3)
@@ -391,6 +395,7 @@ def test_methods_with_a_shared_model_need_one_class_count_and_its_task():
     assert problems(compose("federation=htfe2 strategy=fml")) == []
 
 
+@pytest.mark.slow
 def test_a_client_keeps_what_its_method_trains_beside_its_model_in_its_context():
     cfg = compose(
         "federation=tiny_htfe strategy=fedkd federation.examples_per_client=32 local_steps=1"
@@ -417,6 +422,7 @@ def test_a_client_keeps_what_its_method_trains_beside_its_model_in_its_context()
     assert 0 < after.norm() < 0.1 * fresh.norm()
 
 
+@pytest.mark.slow
 def test_mergenets_client_steps_on_the_hook_reply_as_the_protocols_receive_and_reply():
     grid, _ = run_by_name("mergenet", rounds=2)
     msg = next(

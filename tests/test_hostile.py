@@ -111,6 +111,7 @@ def adapter_state(strategy):
     return {k: v.clone() for k, v in strategy.hypernet.adapter.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", sorted(TAMPER))
 def test_hostile_reply_is_dropped_and_changes_nothing_else(attack, caplog):
     tamper, message = TAMPER[attack]

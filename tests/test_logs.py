@@ -31,6 +31,7 @@ def output(mode: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "configured"])
 def test_strategy_lines_appear_once_in_the_log(mode):
     text = output(mode)

@@ -16,7 +16,7 @@ CLIENTS = (
 
 def shares(overrides: str) -> list:
     cfg = compose(f"{CLIENTS} {overrides}")
-    return [_client_data(cfg, "synthetic-images", i) for i in range(cfg.num_clients)]
+    return [_client_data(cfg, *cfg.client(i)) for i in range(cfg.num_clients)]
 
 
 def test_pooled_shares_are_disjoint_cut_into_train_validation_and_test_with_their_label_mix():

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from simulations.config import compose
 from simulations.preflight import problems
 
@@ -22,6 +24,7 @@ def run(tmp_path: Path, *overrides: str, env: dict | None = None) -> tuple[int, 
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_unknown_architecture_stops_the_run_before_it_starts(tmp_path):
     code, out, seconds = run(tmp_path, "federation=tiny", "federation.clients.0.arch=resnet9")
     assert code != 0 and seconds < 60
@@ -31,6 +34,7 @@ def test_unknown_architecture_stops_the_run_before_it_starts(tmp_path):
     assert out.count("Traceback") == 0
 
 
+@pytest.mark.slow
 def test_missing_data_file_stops_the_run_naming_the_file(tmp_path):
     empty = tmp_path / "data"
     empty.mkdir()

@@ -109,6 +109,7 @@ def test_the_converted_app_runs_with_mergenet(tmp_path, monkeypatch):
     assert (tmp_path / "mergenet-run" / "summary.md").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.deployment
 def test_flwr_run_of_the_converted_app_shows_mergenet_in_its_log(tmp_path):
     home, logs = tmp_path / "flwr", tmp_path / "logs"

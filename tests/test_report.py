@@ -31,7 +31,13 @@ def fake_run(
     run = root / name
     run.mkdir(parents=True)
     clients = [
-        {"group": "r8", "task": "image_classification", "arch": "resnet8", "dataset": "cifar10"}
+        {
+            "group": "r8",
+            "task": "image_classification",
+            "arch": "resnet8",
+            "dataset": "cifar10",
+            "layers": ["fc"],
+        }
     ]
     if qa:
         clients.append(
@@ -40,6 +46,7 @@ def fake_run(
                 "task": "extractive_qa",
                 "arch": "distilbert_tiny_qa",
                 "dataset": "squad2",
+                "layers": ["qa_outputs"],
             }
         )
     cfg = {
@@ -336,6 +343,7 @@ def pooled_run(root, name, strategy, seed, rounds):
             "task": "image_classification",
             "arch": "resnet8",
             "dataset": "cifar10",
+            "layers": ["fc"],
             "count": 2,
         }
     ]

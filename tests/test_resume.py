@@ -17,7 +17,7 @@ from simulations.client_app import make_client_app
 from simulations.config import compose
 from simulations.server_app import run_server
 
-pytestmark = pytest.mark.resume
+pytestmark = [pytest.mark.resume, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}

@@ -52,16 +52,17 @@ def test_a_changed_data_file_or_config_changes_the_key(tmp_path, monkeypatch):
     data_file.write_text("a\t1\n")
     monkeypatch.setattr(federation.D, "dataset_files", lambda name, data_dir: [data_file])
     cfg = compose("federation=tiny")
-    before = federation._data_parts(cfg, "synthetic-images", 0)
-    assert before == federation._data_parts(cfg, "synthetic-images", 0)
+    images = cfg.clients[0]  # resnet8-images, on synthetic-images
+    before = federation._data_parts(cfg, images, 0)
+    assert before == federation._data_parts(cfg, images, 0)
     time.sleep(0.01)
     data_file.write_text("a\t0\n")
     digest = file_digest(data_file)
-    after = federation._data_parts(cfg, "synthetic-images", 0)
+    after = federation._data_parts(cfg, images, 0)
     assert after != before and digest in after["files"].values()
     other = compose("federation=tiny federation.alpha=0.3")
-    assert federation._data_parts(other, "synthetic-images", 0) != after
-    assert federation._data_parts(cfg, "synthetic-images", 1) != after
+    assert federation._data_parts(other, other.clients[0], 0) != after
+    assert federation._data_parts(cfg, images, 1) != after
 
 
 def test_a_workload_is_built_once_per_process():
@@ -71,6 +72,7 @@ def test_a_workload_is_built_once_per_process():
     assert federation.build_workload(compose("federation=tiny seed=1"), 0) is not first
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_partitions_are_disjoint_with_the_cache_on_and_survive_a_new_process(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGENET_CACHE_DIR", str(tmp_path))
@@ -83,7 +85,7 @@ def test_partitions_are_disjoint_with_the_cache_on_and_survive_a_new_process(tmp
     monkeypatch.setattr(federation, "_WORKLOADS", KeyedCache("workloads"))
     again = federation.build_workload(cfg, 2).data
     assert np.array_equal(again.train_rows, rows[2])
-    first = federation._DATA.get(federation._data_parts(cfg, "cifar10", 2), pytest.fail)
+    first = federation._DATA.get(federation._data_parts(cfg, *cfg.client(2)), pytest.fail)
     assert torch.equal(first.train_set.images, again.train_set.images)
 
 

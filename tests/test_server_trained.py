@@ -200,6 +200,7 @@ def carried(grid: FakeGrid, kind: str, key: str) -> list[bool]:
     return [key in m.content.array_records for m in grid.sent if m.metadata.message_type == kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "key"), [("fedtgp", p.PROTOS), ("fedgh", p.HEAD)])
 def test_server_trained_methods_run_by_name(name: str, key: str):
     grid, records, strategy = run_by_name(name)

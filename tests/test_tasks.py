@@ -116,6 +116,7 @@ def test_image_training_lowers_loss(image_data):
     assert after["num_examples"] == 160
 
 
+@pytest.mark.slow
 def test_mobilenet_eval_after_short_training_uses_recalibrated_batchnorm(image_data):
     # After a few dozen steps MobileNetV2's BatchNorm running statistics (momentum 0.1) lag far
     # behind its weights; the image task re-estimates them, so eval mode matches training.
