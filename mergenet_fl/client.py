@@ -94,6 +94,6 @@ def gradient_pieces(
     by_name = {layer.name: layer for layer in layers}
     pieces = {}
     for name, inst in installed.items():
-        delta = inst.installed - get_matrix(model, by_name[name])
+        delta = inst.installed - get_matrix(model, by_name[name]).detach().to(inst.installed)
         pieces[name] = (delta @ inst.b.T, inst.a.T @ delta)
     return pieces

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -33,6 +34,7 @@ from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SOURCES = ("real", "random", "none")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class HypernetConfig:
     most target rows of a round whose autograd graph :meth:`Hypernetwork.generate` keeps for
     it (memory).
     ``device``: where the adapter runs (inputs move there, merged factors come back to the CPU).
+    ``source``: the controls that tell knowledge from re-parametrisation. ``real``: the
+    sources above. ``random``: each source replaced by a fixed random weight of its shape and
+    of its norm when first seen (seeded by its owner and layer, the same in every round), so
+    that the adapter never sees another client's weights. ``none``: a target attends to its
+    own factors only.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
     :meth:`Generation.measure` asks, or chunk by chunk while generating a larger round.
@@ -73,10 +80,13 @@ class HypernetConfig:
     chunk_size: int = 64
     device: str = "cpu"
     diagnostics: bool = True
+    source: str = "real"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"HypernetConfig.optimizer={self.optimizer!r}; choose {OPTIMIZERS}")
+        if self.source not in SOURCES:
+            raise ValueError(f"HypernetConfig.source={self.source!r}; choose {SOURCES}")
         if not self.lr >= 0:  # 0: a frozen adapter (the method's untrained edge)
             raise ValueError(f"HypernetConfig.lr must be >= 0, got {self.lr}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -198,6 +208,7 @@ class Hypernetwork:
         # the adapter's parameters, listed again only when shapes add some (walking the
         # module tree on every use costs milliseconds per round)
         self.params = list(self.adapter.parameters())
+        self.random_sources: dict[str, FactorPair] = {}  # source=random: by owner and layer
 
     @property
     def rank(self) -> int:
@@ -257,27 +268,43 @@ class Hypernetwork:
             grouped = self.cfg.group_targets and len(groups[entry.group]) > 1
             own = summary(entry.group) if grouped else entry.packet
             row: tuple[str, str] = ("group", entry.group) if grouped else ("client", cid)
+            # (group, owner, packet) of every source
             if self.cfg.summarize_groups:
                 # every group with another member is a source, the target's own included
                 peers = [
-                    (g, summary(g)) for g, ms in groups.items() if g != entry.group or len(ms) > 1
+                    (g, f"group {g}", summary(g))
+                    for g, ms in groups.items()
+                    if g != entry.group or len(ms) > 1
                 ]
                 source_key: object = entry.group
             else:
                 # every other client; a group target reads all of its members too
                 peers = [
-                    (bank.get(c).group, bank.get(c).packet) for c in bank if c != cid or grouped
+                    (bank.get(c).group, f"client {c}", bank.get(c).packet)
+                    for c in bank
+                    if c != cid or grouped
                 ]
                 source_key = row
+            owner = f"{row[0]} {row[1]}"
             for layer, lf in own.layers.items():
-                sources = [f for _, p in peers for f in p.factors().values()]
-                labels = [g for g, p in peers for _ in p.factors()]
+                named = [(f"{o}/{n}", f) for _, o, p in peers for n, f in p.factors().items()]
+                labels = [g for g, _, p in peers for _ in p.factors()]
                 key = (source_key, layer)
                 if self.cfg.self_transfer:
-                    others = [f for n, f in own.factors().items() if n != layer]
-                    sources += others
+                    others = [(f"{owner}/{n}", f) for n, f in own.factors().items() if n != layer]
+                    named += others
                     labels += [entry.group] * len(others)
                     key = (row, layer)
+                if self.cfg.source == "none":  # the target's own factors, and nothing else
+                    named, labels, key = (
+                        [(f"{owner}/{layer}", (lf.a, lf.b))],
+                        [entry.group],
+                        (row, layer),
+                    )
+                sources = [
+                    self._random_source(name, f) if self.cfg.source == "random" else f
+                    for name, f in named
+                ]
                 if not sources:
                     continue
                 if key not in batches:
@@ -286,8 +313,9 @@ class Hypernetwork:
                 batches[key][2][row] = pad_rank(lf.a, lf.b, self.rank)
 
         jobs = []
+        per_target = self.cfg.self_transfer or self.cfg.source == "none"
         for key, (layer, members, factors, sources, labels) in batches.items():
-            tok_key = key if self.cfg.self_transfer else key[0]
+            tok_key = key if per_target else key[0]
             padded = tuple(pad_rank(a, b, self.rank) for a, b in sources)
             if tok_key not in token_cache:
                 token_cache[tok_key] = SourceTokens.build(
@@ -299,6 +327,20 @@ class Hypernetwork:
             group = bank.get(rows[0][0]).group
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
+
+    def _random_source(self, name: str, factors: FactorPair) -> FactorPair:
+        """The fixed random stand-in for source ``name`` (``"<owner>/<layer>"``): factors of
+        the shapes of ``factors`` whose product has the norm of theirs when first seen."""
+        a, b = factors
+        kept = self.random_sources.get(name)
+        if kept is None or kept[0].shape != a.shape or kept[1].shape != b.shape:
+            seed = zlib.crc32(name.encode()) + 7919 * self.cfg.adapter.seed
+            generator = torch.Generator().manual_seed(seed)
+            ra = torch.randn(a.shape, generator=generator, dtype=a.dtype)
+            rb = torch.randn(b.shape, generator=generator, dtype=b.dtype)
+            scale = (product_norm(a, b) / product_norm(ra, rb).clamp_min(1e-12)).sqrt()
+            kept = self.random_sources[name] = (ra * scale, rb * scale)
+        return kept
 
     def generate(
         self, bank: KnowledgeBank, targets: Sequence[str], round: int
@@ -497,6 +539,7 @@ class Hypernetwork:
                 "adapter": self.adapter.state_dict(),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "steps": self.steps,
+                "random_sources": self.random_sources,
             }
         )
 
@@ -509,6 +552,7 @@ class Hypernetwork:
         if state["optimizer"] is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = state.get("steps", 0)
+        self.random_sources = copy.deepcopy(state.get("random_sources", {}))
 
 
 def _record(into: dict[str, dict[str, dict]], results: list[tuple[str, str, dict]]) -> None:

@@ -157,6 +157,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             head=work.head,
             numerics=cfg.numerics(),
             installed=installed,
+            after_step=extension.after_step,
         )
         work.model.cpu()  # factors and replies are built on the CPU
         start = time.perf_counter()

@@ -68,7 +68,7 @@ STRATEGIES = (
 )
 SCORES = {"lgfedavg": HEAD_SCORES, "fedproto": MEAN_SCORES, "fedtgp": MEAN_SCORES}
 SHARED_MODEL_SEED = 999  # the shared model's initialisation (FML, FedKD): one for all clients
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "same")  # same: every client holds the whole set
 EVAL_SPLITS = ("test", "local", "validation")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
@@ -217,6 +217,7 @@ class ExperimentConfig:
             self_transfer=s.get("self_transfer", HypernetConfig.self_transfer),
             group_targets=group_targets,
             device=str(resolve_device(self.device)),
+            source=s.get("source", HypernetConfig.source),
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
@@ -288,7 +289,7 @@ class ExperimentConfig:
         (``layers``: its transfer layers)."""
         name = self.strategy["name"]
         if name == "mergenet":
-            return MergeNetClient(layers, self.rank)
+            return MergeNetClient(layers, self.rank, self.strategy.get("delta_steps"))
         score = self.strategy.get("score", SCORES.get(name, ("head",))[0])
         if name == "lgfedavg":
             return SharedHead(head, score)
@@ -496,6 +497,14 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
     need(
         strategy.get("mean", "plain") in MEANS,
         f"strategy.mean must be one of {MEANS}, got {strategy.get('mean')!r}",
+    )
+    delta_steps = strategy.get("delta_steps")
+    need(
+        delta_steps is None
+        or (
+            isinstance(delta_steps, int) and not isinstance(delta_steps, bool) and delta_steps >= 1
+        ),
+        f"strategy.delta_steps must be null or an integer >= 1, got {delta_steps!r}",
     )
     weight = strategy.get("weight", 1.0)
     need(

@@ -640,7 +640,7 @@ def build_tokenizer(data_dir: str | os.PathLike[str] | None = None) -> BertToken
 def partitions(
     labels: Sequence[int] | np.ndarray,
     num_partitions: int,
-    scheme: Literal["iid", "dirichlet"] = "iid",
+    scheme: Literal["iid", "dirichlet", "same"] = "iid",
     alpha: float = 0.5,
     seed: int = 0,
     max_examples: int | Sequence[int | None] | None = None,
@@ -648,6 +648,8 @@ def partitions(
 ) -> list[np.ndarray]:
     """Row indices of every federated partition, computed with flwr-datasets.
 
+    ``same``: every partition holds the same rows, all of them (the reference code's two models
+    on one training set); with ``max_examples``, the first rows of one seeded permutation.
     ``iid``: the rows are shuffled with ``seed`` (``datasets.Dataset.shuffle``) and cut
     into ``num_partitions`` contiguous shards by ``IidPartitioner`` (which does not shuffle
     by itself); sizes differ by at most 1. ``dirichlet``: ``DirichletPartitioner(
@@ -657,7 +659,8 @@ def partitions(
     empty for small ``alpha`` or small data; with a positive value flwr-datasets 0.6.1
     resamples up to 10 times and then raises ``ValueError``.
 
-    The partitions are disjoint and, without ``max_examples``, cover all rows. The whole
+    Except under ``same``, the partitions are disjoint and, without ``max_examples``, cover all
+    rows. The whole
     partitioning is recomputed on every call (no global cache).
 
     Parameters
@@ -666,7 +669,7 @@ def partitions(
         Shape ``[N]``, one label per row.
     num_partitions : int
         Number of partitions, ``1 <= num_partitions <= N``.
-    scheme : {"iid", "dirichlet"}
+    scheme : {"iid", "dirichlet", "same"}
         Partitioning scheme.
     alpha : float
         Dirichlet concentration (> 0); ignored for ``iid``.
@@ -706,6 +709,9 @@ def partitions(
     if min_partition_size < 0:
         raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
 
+    if scheme == "same":  # one draw for all: a smaller cap keeps a subset of a larger one's
+        order = np.random.default_rng(seed).permutation(n)
+        return [np.arange(n) if cap is None or cap >= n else np.sort(order[:cap]) for cap in caps]
     dataset = HFDataset.from_dict({"label": label_array, "index": np.arange(n, dtype=np.int64)})
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -724,7 +730,7 @@ def partitions(
         )
         partitioner.dataset = dataset
     else:
-        raise ValueError(f"scheme must be 'iid' or 'dirichlet', got {scheme!r}")
+        raise ValueError(f"scheme must be 'iid', 'dirichlet' or 'same', got {scheme!r}")
 
     result = []
     for partition_id, cap in enumerate(caps):

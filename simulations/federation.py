@@ -343,6 +343,11 @@ def _split(
         return train, test, None, own if held else None
     if cfg.eval_split == "validation":
         unused = np.setdiff1d(np.arange(len(labels)), np.concatenate(parts))
+        if not len(unused):
+            raise ValueError(
+                f"eval_split=validation takes the training rows of {dataset!r} that no client "
+                "holds, and its clients hold them all: lower federation.examples_per_client"
+            )
         return parts[index], unused[_subset(len(unused), cfg.test_examples, seed)], None, None
     uniform = _subset(len(eval_labels), cfg.test_examples, seed)
     if cfg.eval_split == "local":

@@ -99,7 +99,7 @@ class Run:
         return self.pooled[chosen]
 
 
-LABELLED = ("optimizer", "lr", "schedule", "warmup_steps", "weight_decay")
+LABELLED = ("optimizer", "lr", "schedule", "warmup_steps", "weight_decay", "delta_steps", "source")
 
 
 def conf_defaults() -> dict[str, Any]:

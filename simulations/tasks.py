@@ -35,7 +35,7 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
@@ -332,6 +332,7 @@ class _SupervisedTask:
         head: str | None = None,
         numerics: Numerics = FP32,
         installed: Collection[nn.Parameter] = (),
+        after_step: Callable[[nn.Module, int], None] | None = None,
     ) -> dict[str, float]:
         """Train ``model`` in place on ``dataset`` for ``steps`` batches or ``epochs`` passes.
 
@@ -369,6 +370,9 @@ class _SupervisedTask:
             Parameters whose values came from elsewhere since ``state`` was saved (the server
             installed them): their optimiser state is dropped, so that no stale momentum
             drags them back along the client's old trajectory.
+        after_step : callable, optional
+            ``after_step(model, steps)`` after each optimiser step, ``steps`` done in this call
+            (MergeNet's ``delta_steps``: the gradient pieces after the first ``k``).
 
         Returns
         -------
@@ -416,7 +420,7 @@ class _SupervisedTask:
             stack.enter_context(_seeded(seed, dev))
             if extension is not None:
                 stack.enter_context(head_inputs(model, head))
-            for batch in self._loader(dataset, batches, dev):
+            for done, batch in enumerate(self._loader(dataset, batches, dev), start=1):
                 with numerics.autocast(dev):
                     if extension is None:
                         loss, size = self._batch_loss(model, batch, dev)
@@ -430,6 +434,8 @@ class _SupervisedTask:
                 optimizer.step()
                 loss_sum += loss.item() * size
                 seen += size
+                if after_step is not None:
+                    after_step(model, done)
         seconds = time.perf_counter() - start
         state.optimizer = optimizer.state_dict()
         train_loss = loss_sum / seen

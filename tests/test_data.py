@@ -17,6 +17,8 @@ from PIL import Image
 
 from harness import needs_real_data
 from simulations import data as D
+from simulations.config import compose
+from simulations.federation import build_workload
 
 REAL_DATA = D.default_data_dir()
 
@@ -271,6 +273,27 @@ def test_partitions_are_disjoint_and_cover(scheme: str):
     np.testing.assert_array_equal(np.sort(merged), np.arange(len(labels)))
     for p in parts:
         assert p.dtype == np.int64 and np.all(np.diff(p) > 0)
+
+
+def test_every_client_of_the_same_partition_holds_identical_rows():
+    labels = np.random.default_rng(0).integers(0, 10, size=500)
+    whole = D.partitions(labels, 3, scheme="same", seed=3)
+    assert all(np.array_equal(p, np.arange(500)) for p in whole)
+    capped = D.partitions(labels, 3, scheme="same", seed=3, max_examples=[100, 100, 40])
+    assert np.array_equal(capped[0], capped[1]) and len(capped[0]) == 100
+    assert set(capped[2]) < set(capped[0]) and len(capped[2]) == 40  # one draw for all
+    assert not np.array_equal(
+        capped[0], D.partitions(labels, 1, "same", seed=4, max_examples=100)[0]
+    )
+
+
+def test_clients_of_a_same_partition_federation_train_on_identical_rows():
+    cfg = compose(
+        "federation=tiny_htfe federation.partition=same federation.examples_per_client=64"
+    )
+    first, second = (build_workload(cfg, pid).data for pid in range(2))
+    assert np.array_equal(first.train_rows, second.train_rows) and len(first.train_rows) == 64
+    assert torch.equal(first.train_set.images, second.train_set.images)
 
 
 @settings(max_examples=10, deadline=None)

@@ -473,3 +473,69 @@ def test_a_gradient_that_overflows_skips_the_step_and_changes_nothing():
     assert stats["skipped"] == 1.0 and hn.steps == 0
     assert all(torch.equal(before[k], v) for k, v in hn.adapter.state_dict().items())
     assert all(p.grad is None for p in hn.adapter.parameters())
+
+
+def _source_products(job) -> list[torch.Tensor]:
+    return [a @ b for a, b in job.source_factors]
+
+
+def test_random_sources_hide_every_clients_weights_and_stay_fixed_across_rounds():
+    bank = federation()
+    real = Hypernetwork(HypernetConfig(adapter=SMALL, summarize_groups=False))
+    control = Hypernetwork(HypernetConfig(adapter=SMALL, summarize_groups=False, source="random"))
+    for real_job, random_job in zip(
+        real.plan(bank, list(bank)), control.plan(bank, list(bank)), strict=True
+    ):
+        assert random_job.source_groups == real_job.source_groups
+        for seen, stand_in in zip(
+            _source_products(real_job), _source_products(random_job), strict=True
+        ):
+            assert seen.shape == stand_in.shape and not torch.allclose(seen, stand_in)
+            # of the real source's norm (its product's)
+            assert torch.allclose(stand_in.norm(), seen.norm(), rtol=1e-4)
+        assert torch.equal(random_job.a, real_job.a)  # the target's own factors are real
+    every_weight = [lf.a @ lf.b for c in bank for lf in bank.get(c).packet.layers.values()]
+    first = {j.layer: _source_products(j) for j in control.plan(bank, ["r0"])}
+    # a later round: new packets from everybody; the stand-ins do not move
+    for cid in list(bank):
+        entry = bank.get(cid)
+        shapes = {n: lf.matrix_shape for n, lf in entry.packet.layers.items()}
+        rank = max(lf.rank for lf in entry.packet.layers.values())
+        new = packet(shapes, 100 + len(cid), rank)
+        bank.put(cid, new, group=entry.group, round=2, send_only=entry.send_only)
+    later = {j.layer: _source_products(j) for j in control.plan(bank, ["r0"])}
+    assert all(
+        torch.equal(x, y)
+        for layer in first
+        for x, y in zip(first[layer], later[layer], strict=True)
+    )
+    seen_by_adapter = [p for ps in later.values() for p in ps]
+    assert not any(
+        p.shape == w.shape and torch.allclose(p, w) for p in seen_by_adapter for w in every_weight
+    )
+    restored = Hypernetwork(control.cfg)
+    restored.load_state_dict(control.state_dict())  # a resumed run keeps its stand-ins
+    again = {j.layer: _source_products(j) for j in restored.plan(bank, ["r0"])}
+    assert all(torch.equal(x, y) for x, y in zip(again["fc"], later["fc"], strict=True))
+
+
+def test_without_sources_a_target_attends_to_its_own_factors_only():
+    bank = federation()
+    hn = Hypernetwork(HypernetConfig(adapter=SMALL, source="none"))
+    jobs = hn.plan(bank, list(bank))
+    assert sorted((j.layer, j.clients) for j in jobs) == [
+        ("cls", ("m0",)),
+        ("conv", ("m0",)),
+        ("fc", ("r0",)),  # each its own: no shared source set to batch them by
+        ("fc", ("r1",)),
+        ("value", ("t0",)),
+    ]
+    for job in jobs:
+        (pair,) = job.source_factors
+        assert job.source_groups == (job.group,)
+        assert torch.equal(pair[0], job.a[0]) and torch.equal(pair[1], job.b[0])
+    merged, _ = hn.generate(bank, ["t0"], round=2)
+    own = bank.get("t0").packet.layers["value"]
+    assert torch.equal(merged["t0"]["value"][0][:, : own.rank], own.a)  # identity at start
+    with pytest.raises(ValueError, match="source='mine'"):
+        HypernetConfig(source="mine")

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from mergenet_fl import (
+    FactorPair,
     InstalledLayer,
     PacketError,
     SelectedLayer,
@@ -179,9 +180,11 @@ def knowledge_records(
     installed: Mapping[str, InstalledLayer],
     *,
     rank: int,
+    pieces: Mapping[str, FactorPair] | None = None,
 ) -> tuple[dict[str, ArrayRecord], str]:
     """MergeNet's part of a train reply: the packet when the server asked for one, and the
-    gradient pieces of the installed layers; with the packet's manifest ("" without one)."""
+    gradient pieces of the installed layers (``pieces``: measured earlier in the round, else
+    now); with the packet's manifest ("" without one)."""
     config = msg.content.config_records.get(p.CONFIG, ConfigRecord())
     records: dict[str, ArrayRecord] = {}
     manifest = ""
@@ -189,7 +192,9 @@ def knowledge_records(
         arrays, manifest = export_packet(model, layers, rank).to_wire()
         records[p.PACKET] = p.to_record(arrays)
     if installed:
-        records[p.PIECES] = p.to_record(encode_factors(gradient_pieces(model, layers, installed)))
+        if pieces is None:
+            pieces = gradient_pieces(model, layers, installed)
+        records[p.PIECES] = p.to_record(encode_factors(pieces))
     return records, manifest
 
 

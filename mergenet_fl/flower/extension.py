@@ -4,6 +4,7 @@ their strategy); the client's loops, data, sampling and messages are the same fo
 
     extension.begin(msg, model)                   # before training
     loss = task_loss + extension.loss(features, logits, labels, forward)   # every batch
+    extension.after_step(model, steps)            # after every optimiser step
     records = extension.end(msg, model, embed)    # after training: added to the reply
     scored = extension.scored(msg, model)         # evaluation: the model as the method scores
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message
 from torch import nn
 
-from mergenet_fl import InstalledLayer, PacketError, SelectedLayer
+from mergenet_fl import FactorPair, InstalledLayer, PacketError, SelectedLayer, gradient_pieces
 from mergenet_fl.flower import client as mc
 from mergenet_fl.flower import protocol as p
 
@@ -60,6 +61,9 @@ class ClientExtension:
         """An extra term for this batch's loss (None: nothing)."""
         return None
 
+    def after_step(self, model: nn.Module, steps: int) -> None:
+        """Called after each of the round's optimiser steps (``steps``: done so far)."""
+
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
         """Records to add to the train reply."""
         return {}
@@ -77,18 +81,33 @@ class MergeNetClient(ClientExtension):
     (:func:`~mergenet_fl.flower.client.install_factors`,
     :func:`~mergenet_fl.flower.client.knowledge_records`: the steps
     :func:`~mergenet_fl.flower.client.receive` and :func:`~mergenet_fl.flower.client.reply`
-    take)."""
+    take).
 
-    def __init__(self, layers: Sequence[SelectedLayer], rank: int) -> None:
-        self.layers, self.rank = layers, rank
+    ``delta_steps``: the pieces measure ``Δ`` over the round's first ``delta_steps`` optimiser
+    steps, and the rest of the round is self-learning (the reference code's one step, then
+    ``T_cyc − 1`` batches alone); None: over the whole round.
+    """
+
+    def __init__(
+        self, layers: Sequence[SelectedLayer], rank: int, delta_steps: int | None = None
+    ) -> None:
+        if delta_steps is not None and delta_steps < 1:
+            raise ValueError(f"delta_steps must be >= 1 or None, got {delta_steps}")
+        self.layers, self.rank, self.delta_steps = layers, rank, delta_steps
         self.installed: dict[str, InstalledLayer] = {}
+        self.pieces: dict[str, FactorPair] | None = None
 
     def begin(self, msg: Message, model: nn.Module) -> None:
         self.installed = mc.install_factors(msg, model, self.layers, rank=self.rank)
+        self.pieces = None
+
+    def after_step(self, model: nn.Module, steps: int) -> None:
+        if self.installed and steps == self.delta_steps:
+            self.pieces = gradient_pieces(model, self.layers, self.installed)
 
     def end(self, msg: Message, model: nn.Module, embed: Embed) -> dict[str, ArrayRecord]:
         records, self.manifest = mc.knowledge_records(
-            msg, model, self.layers, self.installed, rank=self.rank
+            msg, model, self.layers, self.installed, rank=self.rank, pieces=self.pieces
         )
         return records
 
