@@ -151,7 +151,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
             data_seed=cfg.seed * 100_003 + partition_id * 1009,
             state=work.train_state,
-            lr=work.lr,
+            lr=(work.lr or work.task.config.lr) * cfg.lr_factor(server_round),
             device=resolve_device(cfg.device),
             extension=extension if extension.adds_loss else None,
             head=work.head,

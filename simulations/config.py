@@ -151,6 +151,8 @@ class ExperimentConfig:
     optimizer_state: str = "fresh"
     client_optimizer: dict[str, float | str | None] = field(default_factory=dict)
     augment: bool = True
+    lr_milestones: tuple[int, ...] = ()  # after these rounds the clients' lr is × lr_gamma
+    lr_gamma: float = 0.2
     node_wait: float = 60.0
     allow_failed_clients: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -190,6 +192,10 @@ class ExperimentConfig:
         """The optimiser of ``task``'s clients: its default with ``client_optimizer``'s
         non-null entries in place."""
         return _train_config(get_task(task).config, self.client_optimizer)
+
+    def lr_factor(self, server_round: int) -> float:
+        """What the clients' learning rate is multiplied by in ``server_round`` (1-based)."""
+        return self.lr_gamma ** sum(server_round > m for m in self.lr_milestones)
 
     def numerics(self) -> Numerics:
         """How this machine's clients compute (``auto`` resolved for :attr:`device`)."""
@@ -445,6 +451,17 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         _train_config(TrainConfig(), wellformed)
     except ValueError as exc:
         problems.append(f"client_optimizer: {exc}")
+    milestones = raw.get("lr_milestones") or []
+    need(
+        isinstance(milestones, list)
+        and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones),
+        f"lr_milestones must be a list of rounds >= 1, got {milestones!r}",
+    )
+    gamma = raw.get("lr_gamma", 0.2)
+    need(
+        isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1,
+        f"lr_gamma must be in (0, 1], got {gamma!r}",
+    )
     for key in ("channels_last", "bn_calibration", "augment"):
         need(
             isinstance(raw.get(key, True), bool),
@@ -608,6 +625,8 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         optimizer_state=str(raw.get("optimizer_state", "fresh")),
         client_optimizer=client_optimizer,
         augment=bool(raw.get("augment", True)),
+        lr_milestones=tuple(milestones),
+        lr_gamma=float(gamma),
         node_wait=float(raw.get("node_wait", 60)),
         allow_failed_clients=bool(raw.get("allow_failed_clients", False)),
         raw=raw,

@@ -182,3 +182,22 @@ def test_a_configured_client_lr_is_every_clients_and_bad_optimiser_settings_are_
     assert "client_optimizer.beta is unknown" in text
     assert "client_optimizer.lr must be a number or null, got 'fast'" in text
     assert "TrainConfig.momentum must be in [0, 1), got 1.5" in text
+
+
+def test_the_reference_pairing_transfers_into_a_batchnorm_followed_1x1_convolution():
+    from simulations.models import build_model
+    from simulations.preflight import problems
+
+    cfg = compose("federation=reference protocol=reference num_rounds=40")
+    target, source = cfg.clients
+    assert cfg.partition == "same" and source.send_only and not target.send_only
+    assert (cfg.batch_size, cfg.local_steps, cfg.optimizer_state) == (128, 4, "kept")
+    assert cfg.strategy["delta_steps"] == 1 and cfg.client_optimizer["lr"] == 0.1
+    model = build_model(target.arch, 10)
+    (layer,) = target.layers
+    conv = model.get_submodule(layer)
+    following = model.get_submodule(layer.rsplit(".", 1)[0] + ".3")  # the next module
+    assert conv.kernel_size == (1, 1) and isinstance(following, torch.nn.BatchNorm2d)
+    assert following.num_features == conv.out_channels
+    assert build_model(source.arch, 10).get_submodule(source.layers[0]).out_features == 10
+    assert problems(cfg) == [] or all("data file" in p for p in problems(cfg))

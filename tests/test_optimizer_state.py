@@ -103,3 +103,29 @@ def test_the_client_drops_momentum_of_what_the_group_average_replaced(tmp_path, 
 def test_an_unknown_optimizer_state_is_refused():
     with pytest.raises(ConfigError, match="optimizer_state must be one of"):
         compose("optimizer_state=stale")
+
+
+@pytest.mark.slow
+def test_the_clients_learning_rate_follows_its_step_schedule(tmp_path, monkeypatch):
+    set_task_identity()
+    cfg = compose(
+        ["federation=tiny_htfe", "federation.clients.1.arch=convnet5", "strategy=local"]
+        + ["federation.examples_per_client=16", "federation.test_examples=16"]
+        + ["num_rounds=4", "local_steps=1", "evaluate_every=4"]
+        + ["lr_milestones=[1,3]", "lr_gamma=0.5", "client_optimizer.lr=0.08"]
+    )
+    assert [cfg.lr_factor(r) for r in range(1, 5)] == [1.0, 0.5, 0.5, 0.25]
+    lrs: list[float] = []
+    train = ImageClassificationTask.train
+
+    def recording(self, model, dataset, **kwargs):
+        lrs.append(kwargs["lr"])
+        return train(self, model, dataset, **kwargs)
+
+    monkeypatch.setattr(ImageClassificationTask, "train", recording)
+    nodes = app_nodes(make_client_app(lambda context: cfg), cfg.num_clients)
+    run_server(FakeGrid(nodes), cfg, tmp_path)
+    assert lrs == pytest.approx([0.08] * 2 + [0.04] * 4 + [0.02] * 2)
+    for bad in ("lr_milestones=[0]", "lr_gamma=1.5"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            compose(bad)
