@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.deployment, needs_real_data]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_federation(tmp_path: Path, tls: bool, rounds: int) -> list[dict]:
+def run_federation(tmp_path: Path, tls: bool, rounds: int, auth: bool = False) -> list[dict]:
+    """``rounds`` of the tiny federation on a SuperLink and three SuperNodes; with ``auth``
+    (over TLS) only SuperNodes registered with ``flwr supernode register`` may join, and a
+    fourth one, unregistered, tries to."""
     home, logs, out = tmp_path / "flwr", tmp_path / "logs", tmp_path / "out"
     for d in (home, logs, out):
         d.mkdir()
@@ -48,18 +51,25 @@ def run_federation(tmp_path: Path, tls: bool, rounds: int) -> list[dict]:
             "superlink",
             "flower-superlink",
             *link_security,
+            *(["--enable-supernode-auth"] if auth else []),
             "--host",
             "127.0.0.1",
             "--port",
             str(link_port),
         )
         wait_for_port(link_port, link)
-        for pid in range(3):
-            node_config = f"partition-id={pid} num-partitions=3 client-id='edge-{pid}'"
+        keys = [node_key(tmp_path / "keys", f"edge-{pid}") for pid in range(4)] if auth else []
+        for _, public in keys[:3]:  # the fourth stays unregistered
+            register = [str(BIN / "flwr"), "supernode", "register", public, "edge"]
+            done = subprocess.run(register, env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stdout + done.stderr
+        for pid in range(4 if auth else 3):
+            node_config = f"partition-id={pid % 3} num-partitions=3 client-id='edge-{pid}'"
             procs.start(
                 f"supernode{pid}",
                 "flower-supernode",
                 *security,
+                *(["--auth-supernode-private-key", keys[pid][0]] if auth else []),
                 "--superlink",
                 f"127.0.0.1:{link_port}",
                 "--host",
@@ -87,12 +97,40 @@ def run_federation(tmp_path: Path, tls: bool, rounds: int) -> list[dict]:
             timeout=400,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + procs.tail()
+        if auth:  # the unregistered SuperNode was refused and gave up
+            intruder = procs.procs[-1]
+            assert intruder.poll() not in (None, 0), procs.tail()
+            assert "Failed to activate SuperNode" in (logs / "supernode3.log").read_text()
         runs = list(out.iterdir())
         assert len(runs) == 1, run.stdout[-3000:] + procs.tail()
         return [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     finally:
         procs.stop()
         assert all(p.poll() is not None for p in procs.procs)
+
+
+def node_key(folder: Path, name: str) -> tuple[str, str]:
+    """A SuperNode's EC key pair, as Flower's authentication example makes them: the private
+    key in OpenSSH PEM, the public one in OpenSSH's one-line form. Returns their paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return str(private), str(public)
 
 
 def make_certificates(folder: Path) -> tuple[str, str, str]:
@@ -178,3 +216,8 @@ def test_superlink_and_three_supernodes(tmp_path):
 
 def test_superlink_and_supernodes_over_tls(tmp_path):
     check_clients(run_federation(tmp_path, tls=True, rounds=1), rounds=1)
+
+
+def test_only_registered_supernodes_join_a_superlink_with_supernode_auth(tmp_path):
+    lines = run_federation(tmp_path, tls=True, rounds=1, auth=True)
+    check_clients(lines, rounds=1)  # edge-0..2 only: edge-3 never joined
