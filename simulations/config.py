@@ -104,6 +104,8 @@ class ClientGroup:
     data: dict[str, Any] | None = None  # the dataset as a `_target_` (any datasets.Dataset)
     columns: dict[str, str] = field(default_factory=dict)  # `data`'s column names, if not
     # image / text / label
+    partition: str | None = None  # iid: the group's clients draw uniform rows before the
+    # federation's partition splits the rest (a data-rich hub among label-skewed clients)
 
     @property
     def arch_spec(self) -> ArchSpec:
@@ -352,6 +354,8 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         )
     if columns and data is None:
         problems.append(f"{where}.columns applies to a _target_ dataset only")
+    if c.get("partition") not in (None, "iid"):
+        problems.append(f"{where}.partition must be iid or absent, got {c['partition']!r}")
     return ClientGroup(
         group=str(c["group"]),
         arch=custom.label(model) if model else str(c["arch"]),
@@ -366,6 +370,7 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         head=c.get("head"),
         data=data,
         columns=dict(columns),
+        partition=c.get("partition"),
     )
 
 

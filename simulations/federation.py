@@ -154,6 +154,7 @@ def _data_parts(cfg: ExperimentConfig, spec: ClientGroup, index: int) -> dict[st
         "partition": cfg.partition,
         "alpha": cfg.alpha,
         "caps": [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)],
+        "schemes": [peer.partition for peer in cfg.peers(dataset)],
         "eval_split": cfg.eval_split,
         "test_examples": cfg.test_examples,
         "split": [cfg.split, cfg.test_fraction, cfg.validation_fraction, cfg.min_partition_size],
@@ -322,16 +323,7 @@ def _split(
     its test (``test_fraction``), validation (``validation_fraction``) and training rows, and
     it is evaluated on its own test rows (``eval_split=validation``: its validation rows).
     """
-    caps = [peer.examples or cfg.examples_per_client for peer in cfg.peers(dataset)]
-    parts = D.partitions(
-        labels,
-        num_partitions=len(caps),
-        scheme=cfg.partition,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-        max_examples=caps,
-        min_partition_size=cfg.min_partition_size,
-    )
+    parts = _partitions(cfg, dataset, labels)
     if cfg.split == "pooled":
         share = np.random.default_rng(seed).permutation(parts[index])
         tests = round(len(share) * cfg.test_fraction)
@@ -354,6 +346,41 @@ def _split(
         local = local_rows(eval_labels, labels[parts[index]], cfg.test_examples, seed)
         return parts[index], local, uniform, None
     return parts[index], uniform, None, None
+
+
+def _partitions(cfg: ExperimentConfig, dataset: str, labels: np.ndarray) -> list[np.ndarray]:
+    """Every client of ``dataset``'s rows (indices into ``labels: (N,)``), in partition order.
+
+    Clients of a group with ``partition: iid`` (e.g. a data-rich hub among label-skewed
+    clients) first draw their rows uniformly, each its example count; the federation's
+    partition (flwr-datasets) then splits the other rows among the other clients.
+    """
+    peers = cfg.peers(dataset)
+    caps = [peer.examples or cfg.examples_per_client for peer in peers]
+    iid = cfg.partition != "iid"  # a group drawing uniform rows among non-IID clients
+    drawn = [i for i, peer in enumerate(peers) if iid and peer.partition == "iid"]
+    rest = np.arange(len(labels))
+    parts: list[np.ndarray | None] = [None] * len(peers)
+    if drawn:
+        order = np.random.default_rng((cfg.seed, len(labels))).permutation(len(labels))
+        start = 0
+        for i in drawn:
+            parts[i] = np.sort(order[start : start + caps[i]])
+            start += caps[i]
+        rest = np.sort(order[start:])
+    others = [i for i in range(len(peers)) if i not in drawn]
+    split = D.partitions(
+        labels[rest],
+        num_partitions=len(others),
+        scheme=cfg.partition,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        max_examples=[caps[i] for i in others],
+        min_partition_size=cfg.min_partition_size,
+    )
+    for i, rows in zip(others, split, strict=True):
+        parts[i] = rest[rows]
+    return parts
 
 
 def local_rows(eval_labels: np.ndarray, train_labels: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -201,3 +201,30 @@ def test_the_reference_pairing_transfers_into_a_batchnorm_followed_1x1_convoluti
     assert following.num_features == conv.out_channels
     assert build_model(source.arch, 10).get_submodule(source.layers[0]).out_features == 10
     assert problems(cfg) == [] or all("data file" in p for p in problems(cfg))
+
+
+@needs_real_data
+def test_the_hub_draws_uniform_rows_and_the_poor_clients_split_the_rest_with_label_skew():
+    cfg = compose("federation=hub")
+    assert cfg.num_clients == 9 and cfg.clients[0].partition == "iid"
+    labels = data.load_cifar10("train")[1]
+    from simulations.federation import _partitions
+
+    parts = _partitions(cfg, "cifar10", labels)
+    hub, poor = parts[0], parts[1:]
+    assert len(hub) == 10_000 and all(len(p) <= 200 for p in poor)
+    assert not set(hub) & set(np.concatenate(poor))  # disjoint
+    assert len(np.unique(np.concatenate(poor))) == sum(len(p) for p in poor)
+    hub_share = np.bincount(labels[hub], minlength=10) / len(hub)
+    assert hub_share.min() > 0.08  # uniform: about 0.1 each
+    skew = [np.bincount(labels[p], minlength=10).max() / len(p) for p in poor]
+    assert np.mean(skew) > 0.3  # label skew: a dominant class
+    # a federation without an IID group splits as before: one flwr-datasets partition
+    plain = compose("federation=hub federation.clients.0.partition=null")
+    expected = data.partitions(
+        labels, 9, "dirichlet", alpha=0.3, seed=0, max_examples=[10_000] + [200] * 8
+    )
+    got = _partitions(plain, "cifar10", labels)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(ConfigError, match=r"clients\[0\].partition must be iid"):
+        compose("federation=hub federation.clients.0.partition=dirichlet")
