@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from torch.utils.data import Dataset
 
 from mergenet_fl.flower import client as mc
 from mergenet_fl.flower import protocol as p
@@ -62,6 +63,11 @@ def _encode_train_state(state: TrainState) -> dict[str, Any]:
 def _decode_train_state(values: dict[str, Any]) -> TrainState:
     optimizer = torch.load(io.BytesIO(values["optimizer"]), weights_only=True)
     return TrainState(int(values["epoch"]), int(values["batch"]), optimizer)
+
+
+def _frozen(model: torch.nn.Module, dataset: Dataset, **_: object) -> dict[str, float]:
+    """A frozen client's round: no step (what :meth:`Task.train` returns for one)."""
+    return {"train_loss": 0.0, "train_steps": 0, "train_seconds": 0.0, "num_examples": len(dataset)}
 
 
 def _values(modules: list[torch.nn.Module]) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -142,7 +148,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         overhead = time.perf_counter() - start
         partition_id = int(context.node_config["partition-id"])
         steps = cfg.local_steps
-        metrics = work.task.train(
+        train = work.task.train if not cfg.client(partition_id)[0].frozen else _frozen
+        metrics = train(
             work.model,
             work.train_set,
             steps=steps,

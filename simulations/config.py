@@ -106,6 +106,8 @@ class ClientGroup:
     # image / text / label
     partition: str | None = None  # iid: the group's clients draw uniform rows before the
     # federation's partition splits the rest (a data-rich hub among label-skewed clients)
+    pretrain_epochs: int = 0  # epochs on its own rows before round 1 (cached on disk)
+    frozen: bool = False  # never trains in a round (a pre-trained source: with send_only)
 
     @property
     def arch_spec(self) -> ArchSpec:
@@ -354,6 +356,11 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         )
     if columns and data is None:
         problems.append(f"{where}.columns applies to a _target_ dataset only")
+    pretrain = c.get("pretrain_epochs", 0)
+    if not (isinstance(pretrain, int) and not isinstance(pretrain, bool) and pretrain >= 0):
+        problems.append(f"{where}.pretrain_epochs must be an integer >= 0, got {pretrain!r}")
+    if not isinstance(c.get("frozen", False), bool):
+        problems.append(f"{where}.frozen must be true or false, got {c['frozen']!r}")
     if c.get("partition") not in (None, "iid"):
         problems.append(f"{where}.partition must be iid or absent, got {c['partition']!r}")
     return ClientGroup(
@@ -371,6 +378,8 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         data=data,
         columns=dict(columns),
         partition=c.get("partition"),
+        pretrain_epochs=pretrain if isinstance(pretrain, int) else 0,
+        frozen=c.get("frozen") is True,
     )
 
 

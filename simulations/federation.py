@@ -23,7 +23,7 @@ from simulations import data as D
 from simulations.cache import KeyedCache
 from simulations.config import ClientGroup, ExperimentConfig
 from simulations.models import build_model
-from simulations.tasks import Task, TrainState, get_task
+from simulations.tasks import Task, TrainState, get_task, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ _DATA: KeyedCache[ClientData] = KeyedCache("client-data", D.default_cache_dir)
 _CUSTOM_DATA: KeyedCache[ClientData] = KeyedCache("custom-client-data")  # memory only: a
 # `_target_` dataset may return other rows for the same config
 _WORKLOADS: KeyedCache[Workload] = KeyedCache("workloads")  # memory only: holds a model
+_PRETRAINED: KeyedCache[dict] = KeyedCache("pretrained", D.default_cache_dir)
+_CUSTOM_PRETRAINED: KeyedCache[dict] = KeyedCache("custom-pretrained")  # as _CUSTOM_DATA
 
 
 def client_identity(
@@ -125,6 +127,7 @@ def build_workload(
         "seed": seed,
         "identity": str(client_identity(cfg, partition_id, client_id)),
         "optimizer": cfg.client_optimizer,
+        "pretrain": [spec.pretrain_epochs, cfg.batch_size, cfg.augment],
     }
 
     def build() -> Workload:
@@ -133,13 +136,42 @@ def build_workload(
         arch = spec.arch_spec
         model = build_model(arch, data.num_classes, seed=seed)
         layers = select_layers(model, as_spec(spec.layers, spec.exclude))
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
         identity = client_identity(cfg, partition_id, client_id)
         task = get_task(spec.task, cfg.train_config(spec.task))
         lr = cfg.client_optimizer.get("lr") or arch.lr  # a configured lr is every client's
+        if spec.pretrain_epochs:
+            pretrained = _PRETRAINED if spec.data is None else _CUSTOM_PRETRAINED
+            key = {**parts, "identity": None, "epochs": spec.pretrain_epochs}
+            trained = pretrained.get(key, lambda: _pretrain(cfg, spec, model, task, data, lr))
+            model.load_state_dict(trained)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
         return Workload(identity, model, layers, task, data, initial, arch.head, lr)
 
     return _WORKLOADS.get(parts, build)
+
+
+def _pretrain(
+    cfg: ExperimentConfig,
+    spec: ClientGroup,
+    model: nn.Module,
+    task: Task,
+    data: ClientData,
+    lr: float | None,
+) -> dict[str, torch.Tensor]:
+    """``model`` trained ``spec.pretrain_epochs`` epochs on its own rows (its state)."""
+    log.info("%s: pre-training %d epochs on its rows", spec.group, spec.pretrain_epochs)
+    metrics = task.train(
+        model,
+        data.train_set,
+        epochs=spec.pretrain_epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        lr=lr,
+        device=resolve_device(cfg.device),
+        numerics=cfg.numerics(),
+    )
+    log.info("%s: pre-trained, loss %.3f", spec.group, metrics["train_loss"])
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _data_parts(cfg: ExperimentConfig, spec: ClientGroup, index: int) -> dict[str, object]:
