@@ -349,11 +349,15 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
             f"{where}.head applies to a _target_ arch only (a registered one has its own)"
         )
     columns = c.get("columns") or {}
-    unknown = sorted(set(columns) - set(custom.COLUMNS))
-    if unknown or not all(isinstance(v, str) for v in columns.values()):
+    if not (
+        isinstance(columns, dict)
+        and set(columns) <= set(custom.COLUMNS)
+        and all(isinstance(v, str) for v in columns.values())
+    ):
         problems.append(
             f"{where}.columns maps {sorted(custom.COLUMNS)} to column names, got {columns!r}"
         )
+        columns = {}
     if columns and data is None:
         problems.append(f"{where}.columns applies to a _target_ dataset only")
     pretrain = c.get("pretrain_epochs", 0)
