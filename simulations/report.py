@@ -73,6 +73,7 @@ class Run:
     method: str
     seed: int
     eval_split: str  # "test" or "validation"
+    split: str  # how the dataset's rows became the clients': "standard" or "pooled"
     final: dict[str, dict[str, float]]  # group -> metric -> final evaluation value
     curves: dict[str, dict[int, float]]  # group -> round -> main score
     tasks: dict[str, str]  # group -> task
@@ -178,6 +179,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         method=method_label(cfg, defaults),
         seed=cfg["seed"],
         eval_split=cfg.get("eval_split", "test"),
+        split=cfg["federation"].get("split", "standard"),
         final=dict(final),
         curves=curves,
         tasks={c["group"]: c["task"] for c in cfg["federation"]["clients"]},
@@ -845,6 +847,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
     if len(splits) > 1:
         raise ValueError(f"{study_dir} mixes runs scored on {sorted(splits)}; report them apart")
     on_test = splits != {"validation"}
+    pooled = {run.split for run in runs} == {"pooled"}
     scored_on = {
         "test": "each client's test examples, a uniform sample of the test split",
         "local": "each client's test examples, drawn with its training partition's label "
@@ -852,6 +855,11 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "number of a cell (`global_…`) is the same model on a uniform sample of the test split",
         "validation": "each client's validation examples, training rows that no client trains on",
     }[next(iter(splits))]
+    if pooled and on_test:  # HtFLlib's split: no shared test set
+        scored_on = (
+            "each client's own test rows (`federation.split=pooled`: its share of the dataset's "
+            "train and test rows pooled, cut at random into its train, validation and test rows)"
+        )
     lines = [
         f"# {title}",
         "",

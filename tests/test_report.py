@@ -355,7 +355,12 @@ def pooled_run(root, name, strategy, seed, rounds):
         "batch_size": 10,
         "strategy": {"name": strategy},
         "adapter": {"variant": "lpka"},
-        "federation": {"clients": clients, "examples_per_client": 100, "alpha": 0.1},
+        "federation": {
+            "clients": clients,
+            "examples_per_client": 100,
+            "alpha": 0.1,
+            "split": "pooled",
+        },
     }
     OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
     lines = []
@@ -415,6 +420,7 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
         [0.5, 0.65, 0.5]
     )
     text = report_text(study, tmp_path / "pooled.md")
+    assert "evaluation on each client's own test rows (`federation.split=pooled`" in text
     assert "## Pooled accuracy, HtFLlib's number" in text
     # FedTGP gains 0.075 and 0.105 (30/40 of 0.14) over LocalOnly: mean 9.0, stdev 2.12
     row = next(line for line in text.splitlines() if line.startswith("| FedTGP |"))
