@@ -64,7 +64,8 @@ class HypernetConfig:
     own factors only.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
-    :meth:`Generation.measure` asks, or chunk by chunk while generating a larger round.
+    :meth:`Generation.measure` asks, or, in a larger round, on the first chunk of each job of
+    targets (a sample of at most ``chunk_size`` targets per layer and source set).
     """
 
     adapter: AdapterConfig = AdapterConfig()
@@ -349,8 +350,9 @@ class Hypernetwork:
 
         When the round's target rows fit in one chunk (``chunk_size``) the passes keep their
         autograd graph, so that :meth:`update` need not run them again, and the diagnostics
-        wait for :meth:`Generation.measure`; a larger round measures them chunk by chunk, so
-        that memory stays that of one chunk.
+        wait for :meth:`Generation.measure`; a larger round measures them as it goes, on the
+        first chunk of each job (at most ``chunk_size`` targets per layer and source set: the
+        diagnostics are read as group means), so that memory stays that of one chunk.
         """
         with torch.no_grad():
             jobs = self.plan(bank, targets)
@@ -371,15 +373,17 @@ class Hypernetwork:
             own = cache(partial(self._own_sources, job))
             for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
+                # a larger round measures the first chunk of each job: a sample of its targets
+                diagnose = self.cfg.diagnostics and (keep or rows[0] == 0)
                 with (
                     torch.set_grad_enabled(keep),
-                    self.adapter.capturing(self.cfg.diagnostics) as captured,
+                    self.adapter.capturing(diagnose) as captured,
                 ):
                     out_a, out_b = self.adapter(a, b, sources, memo)
                 if keep:
                     outputs[j] = (out_a, out_b)
                 out_a, out_b = out_a.detach(), out_b.detach()
-                if self.cfg.diagnostics:
+                if diagnose:
                     task = partial(self._diagnose, job, own, rows, a, b, out_a, out_b, captured)
                     if keep:
                         pending.append(task)

@@ -419,8 +419,9 @@ def test_the_transfer_effects_norm_comes_from_the_factors(m, n):
 
 def test_a_batch_of_targets_gives_each_what_it_gets_alone():
     """Rows batched into one pass (chunk_size 8: every job's rows, graph kept, measured later)
-    or in chunks of two (measured as they go) get the merged factors, diagnostics and update
-    that each row gets in a pass of its own; the rows differ, so a mix-up would show."""
+    or in chunks of two (each job's first chunk measured as it goes) get the merged factors,
+    diagnostics and update that each row gets in a pass of its own; the rows differ, so a
+    mix-up would show."""
     bank = federation()
     bank.put("r2", packet({"fc": (10, 32)}, 5), group="resnet", round=1)
     bank.put("m1", packet({"cls": (10, 40), "conv": (12, 18)}, 6, rank=3), group="mbv2", round=1)
@@ -433,19 +434,36 @@ def test_a_batch_of_targets_gives_each_what_it_gets_alone():
         diagnostics = generation.diagnostics
         hn.update(generation, random_pieces(merged, seed=4))
         results[chunk_size] = (hn, merged, diagnostics)
-    alone, merged_alone, diag_alone = results[1]
-    effects = [diag_alone[c]["fc"]["transfer_effect"] for c in ("r0", "r1", "r2")]
+    alone, merged_alone, _ = results[1]
+    diag_all = results[8][2]  # one chunk: every row measured
+    effects = [diag_all[c]["fc"]["transfer_effect"] for c in ("r0", "r1", "r2")]
     assert min(effects) > 0 and len({round(e, 6) for e in effects}) == 3
-    assert diag_alone["r0"]["fc"]["attention"] != pytest.approx(diag_alone["r1"]["fc"]["attention"])
+    assert diag_all["r0"]["fc"]["attention"] != pytest.approx(diag_all["r1"]["fc"]["attention"])
     for chunk_size in (2, 8):
-        hn, merged, diagnostics = results[chunk_size]
+        hn, merged, _ = results[chunk_size]
         for cid, layers in merged_alone.items():
             for layer, (a, b) in layers.items():
                 torch.testing.assert_close(merged[cid][layer], (a, b), atol=1e-6, rtol=1e-5)
-                stats, ref = diagnostics[cid][layer], diag_alone[cid][layer]
+        assert_same_adapter(hn, alone)
+    # in chunks, each job's first chunk is measured, and as a pass of the whole round measures
+    assert {c: set(ls) for c, ls in results[2][2].items()} == {
+        "r0": {"fc"},
+        "r1": {"fc"},
+        "m0": {"cls", "conv"},
+        "m1": {"cls", "conv"},
+        "t0": {"value"},
+    }
+    assert {c: set(ls) for c, ls in results[1][2].items()} == {
+        "r0": {"fc"},
+        "m0": {"cls", "conv"},
+        "t0": {"value"},
+    }
+    for chunk_size in (1, 2):
+        for cid, layers in results[chunk_size][2].items():
+            for layer, stats in layers.items():
+                ref = diag_all[cid][layer]
                 assert stats["transfer_effect"] == pytest.approx(ref["transfer_effect"], rel=1e-4)
                 assert stats["attention"] == pytest.approx(ref["attention"], rel=1e-5)
-        assert_same_adapter(hn, alone)
 
 
 def test_diagnostics_measure_the_adapter_that_generated_even_when_asked_after_the_update():
@@ -539,3 +557,24 @@ def test_without_sources_a_target_attends_to_its_own_factors_only():
     assert torch.equal(merged["t0"]["value"][0][:, : own.rank], own.a)  # identity at start
     with pytest.raises(ValueError, match="source='mine'"):
         HypernetConfig(source="mine")
+
+
+def test_a_round_larger_than_a_chunk_measures_the_first_chunk_of_each_job():
+    bank = KnowledgeBank()
+    for i in range(7):  # one job: seven targets of one group, one layer, one source set
+        bank.put(f"c{i}", packet({"fc": (10, 32)}, i), group="g", round=1)
+    bank.put("other", packet({"w": (12, 20)}, 9), group="h", round=1)
+    targets = [f"c{i}" for i in range(7)]
+    whole = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=8))
+    sampled = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=3))
+    steps_towards(whole, bank, {c: {"fc": torch.ones(10, 32)} for c in targets}, steps=1)
+    sampled.load_state_dict(whole.state_dict())
+    _, all_rows = whole.generate(bank, targets, round=2)
+    _, first_chunks = sampled.generate(bank, targets, round=2)
+    full, sample = all_rows.diagnostics, first_chunks.diagnostics
+    assert len(full) == 7 and sorted(sample) == targets[:3]  # each job's first chunk
+    for cid in sample:
+        assert sample[cid]["fc"]["transfer_effect"] == pytest.approx(
+            full[cid]["fc"]["transfer_effect"], rel=1e-4
+        )
+        assert sample[cid]["fc"]["attention"] == pytest.approx(full[cid]["fc"]["attention"])
