@@ -288,20 +288,18 @@ class Hypernetwork:
                 source_key = row
             owner = f"{row[0]} {row[1]}"
             for layer, lf in own.layers.items():
-                named = [(f"{o}/{n}", f) for _, o, p in peers for n, f in p.factors().items()]
-                labels = [g for g, _, p in peers for _ in p.factors()]
-                key = (source_key, layer)
-                if self.cfg.self_transfer:
-                    others = [(f"{owner}/{n}", f) for n, f in own.factors().items() if n != layer]
-                    named += others
-                    labels += [entry.group] * len(others)
-                    key = (row, layer)
                 if self.cfg.source == "none":  # the target's own factors, and nothing else
-                    named, labels, key = (
-                        [(f"{owner}/{layer}", (lf.a, lf.b))],
-                        [entry.group],
-                        (row, layer),
-                    )
+                    named, labels = [(f"{owner}/{layer}", (lf.a, lf.b))], [entry.group]
+                    key: tuple[object, str] = (row, layer)
+                else:
+                    named = [(f"{o}/{n}", f) for _, o, p in peers for n, f in p.factors().items()]
+                    labels = [g for g, _, p in peers for _ in p.factors()]
+                    key = (source_key, layer)
+                    if self.cfg.self_transfer:  # its other layers too
+                        mine = own.factors().items()
+                        named += [(f"{owner}/{n}", f) for n, f in mine if n != layer]
+                        labels += [entry.group] * (len(mine) - 1)
+                        key = (row, layer)
                 sources = [
                     self._random_source(name, f) if self.cfg.source == "random" else f
                     for name, f in named

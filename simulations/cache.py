@@ -64,16 +64,19 @@ class KeyedCache(Generic[T]):
         self.max_items = max_items
         self._memory: OrderedDict[str, T] = OrderedDict()
 
-    def get(self, parts: Mapping[str, Any], build: Callable[[], T]) -> T:
-        """The value for ``parts``: from memory, else from disk, else ``build()`` (stored)."""
+    def get(self, parts: Mapping[str, Any], build: Callable[[], T], disk: bool = True) -> T:
+        """The value for ``parts``: from memory, else from disk, else ``build()`` (stored).
+        ``disk=False``: memory only (a value whose inputs ``parts`` cannot name, such as what
+        a user's function returns)."""
         key = cache_key(parts)
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
-        value = self._load(key, parts)
+        value = self._load(key, parts) if disk else None
         if value is None:
             value = build()
-            self._save(key, parts, value)
+            if disk:
+                self._save(key, parts, value)
         self._memory[key] = value
         while len(self._memory) > self.max_items:
             self._memory.popitem(last=False)

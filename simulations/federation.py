@@ -92,11 +92,8 @@ class Workload:
 
 
 _DATA: KeyedCache[ClientData] = KeyedCache("client-data", D.default_cache_dir)
-_CUSTOM_DATA: KeyedCache[ClientData] = KeyedCache("custom-client-data")  # memory only: a
-# `_target_` dataset may return other rows for the same config
 _WORKLOADS: KeyedCache[Workload] = KeyedCache("workloads")  # memory only: holds a model
 _PRETRAINED: KeyedCache[dict] = KeyedCache("pretrained", D.default_cache_dir)
-_CUSTOM_PRETRAINED: KeyedCache[dict] = KeyedCache("custom-pretrained")  # as _CUSTOM_DATA
 
 
 def client_identity(
@@ -127,12 +124,13 @@ def build_workload(
         "seed": seed,
         "identity": str(client_identity(cfg, partition_id, client_id)),
         "optimizer": cfg.client_optimizer,
-        "pretrain": [spec.pretrain_epochs, cfg.batch_size, cfg.augment],
+        "pretrain": [spec.pretrain_epochs, cfg.batch_size, cfg.augment, cfg.precision],
     }
 
     def build() -> Workload:
-        cache = _DATA if spec.data is None else _CUSTOM_DATA
-        data = cache.get(data_parts, lambda: _client_data(cfg, spec, index))
+        # a `_target_` dataset may return other rows for the same config: memory only
+        on_disk = spec.data is None
+        data = _DATA.get(data_parts, lambda: _client_data(cfg, spec, index), disk=on_disk)
         arch = spec.arch_spec
         model = build_model(arch, data.num_classes, seed=seed)
         layers = select_layers(model, as_spec(spec.layers, spec.exclude))
@@ -140,9 +138,11 @@ def build_workload(
         task = get_task(spec.task, cfg.train_config(spec.task))
         lr = cfg.client_optimizer.get("lr") or arch.lr  # a configured lr is every client's
         if spec.pretrain_epochs:
-            pretrained = _PRETRAINED if spec.data is None else _CUSTOM_PRETRAINED
-            key = {**parts, "identity": None, "epochs": spec.pretrain_epochs}
-            trained = pretrained.get(key, lambda: _pretrain(cfg, spec, model, task, data, lr))
+            trained = _PRETRAINED.get(
+                {**parts, "identity": None},  # the same whatever id the client has
+                lambda: _pretrain(cfg, spec, model, task, data, lr),
+                disk=on_disk,
+            )
             model.load_state_dict(trained)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         return Workload(identity, model, layers, task, data, initial, arch.head, lr)
@@ -389,8 +389,8 @@ def _partitions(cfg: ExperimentConfig, dataset: str, labels: np.ndarray) -> list
     """
     peers = cfg.peers(dataset)
     caps = [peer.examples or cfg.examples_per_client for peer in peers]
-    iid = cfg.partition != "iid"  # a group drawing uniform rows among non-IID clients
-    drawn = [i for i, peer in enumerate(peers) if iid and peer.partition == "iid"]
+    mixed = cfg.partition != "iid"  # an IID group among clients split otherwise
+    drawn = [i for i, peer in enumerate(peers) if mixed and peer.partition == "iid"]
     rest = np.arange(len(labels))
     parts: list[np.ndarray | None] = [None] * len(peers)
     if drawn:

@@ -80,9 +80,8 @@ def _group_problems(
     except Exception as exc:  # a _target_ dataset: anything the user's callable raises
         return [f"dataset: {exc}"]
     data_task = task_of_dataset(group.dataset) if group.data is None else group.task
-    if group.data is not None:
-        if group.task == "text_classification":
-            found += D.check_files(D.tokenizer_files(cfg.data_dir))
+    if group.data is not None and group.task == "text_classification":
+        found += D.check_files(D.tokenizer_files(cfg.data_dir))
     spec = group.arch_spec
     if spec.task != group.task or data_task != group.task:
         return [

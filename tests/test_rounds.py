@@ -45,6 +45,13 @@ def test_keyed_cache_builds_once_then_serves_memory_and_disk(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         KeyedCache("things", lambda: tmp_path).get({"a": 1}, build)
     assert len(built) == 3 and "ignoring cache entry" in caplog.text
+    files = sorted((tmp_path / "things").iterdir())
+    memory_only = KeyedCache("things", lambda: tmp_path)
+    kept = memory_only.get({"a": 3}, build, disk=False)
+    assert memory_only.get({"a": 3}, build, disk=False) is kept and len(built) == 4
+    assert sorted((tmp_path / "things").iterdir()) == files  # nothing written
+    KeyedCache("things", lambda: tmp_path).get({"a": 1}, build, disk=False)  # nor read
+    assert len(built) == 5
 
 
 def test_a_changed_data_file_or_config_changes_the_key(tmp_path, monkeypatch):
