@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("lpka", "avg", "rows", "mlp", "paper", "paper_mlp")
-OVERWRITING = ("paper", "paper_mlp")  # not the identity at start
+VARIANTS = ("lpka", "avg", "rows", "mlp", "paper", "paper_mlp", "reference")
+OVERWRITING = ("paper", "paper_mlp", "reference")  # not the identity at start
 READINGS = ("rows", "cols")
 FACTORS = ("A", "B")
 # The reading of each factor whose token width is the rank R (shared across layers).
@@ -57,6 +57,11 @@ class AdapterConfig:
     ``max_source_tokens`` caps the tokens a source layer contributes to a long reading (rows
     of ``A``, columns of ``B``); ``None`` attends to every token, exactly as in the paper, at a
     cost that grows with the layer sizes.
+
+    ``reference`` (:mod:`mergenet_fl.reference`) works on whole weights instead of factors:
+    ``rank``, ``dim``, ``max_source_tokens`` and ``source_norm`` do not apply; ``heads``,
+    ``layers``, ``dropout`` (attention) and ``ffn_dropout`` (feed-forward) do, and ``max_rows``
+    is the largest layer (in output rows) that may travel whole.
     """
 
     variant: str = "lpka"
@@ -67,11 +72,14 @@ class AdapterConfig:
     max_source_tokens: int | None = 16
     source_norm: bool = True
     seed: int = 0
+    dropout: float = 0.1
+    ffn_dropout: float = 0.2
+    max_rows: int = 1024
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"AdapterConfig.variant={self.variant!r}; choose one of {VARIANTS}")
-        for name in ("rank", "dim", "heads", "layers"):
+        for name in ("rank", "dim", "heads", "layers", "max_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdapterConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.heads:
@@ -81,6 +89,17 @@ class AdapterConfig:
                 f"AdapterConfig.max_source_tokens must be >= 1 or None, "
                 f"got {self.max_source_tokens}"
             )
+
+        for name in ("dropout", "ffn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"AdapterConfig.{name} must be in [0, 1), got {getattr(self, name)}"
+                )
+
+    @property
+    def full(self) -> bool:
+        """Whether layers travel as whole weights (the ``reference`` adapter's input)."""
+        return self.variant == "reference"
 
     @property
     def identity_at_start(self) -> bool:

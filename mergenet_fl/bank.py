@@ -94,11 +94,16 @@ class KnowledgeBank:
 
         ``mean_i A_i B_i`` is the product of the stacked factors,
         ``[A_1 … A_N] @ [B_1; …; B_N] / N``, re-encoded by :func:`factorize_product` without
-        forming it. Singular pairs are signed like the group's previous summary.
+        forming it. Singular pairs are signed like the group's previous summary. A layer that
+        travels whole (``full``) keeps its mean weight whole, ``(I, mean_i W_i)``.
         """
         members = [self._entries[c].packet for c in self.groups()[group]]
         layers = {}
         for name, first in members[0].layers.items():
+            if first.full:  # whole weights ``(I, W)``: their mean, kept whole
+                mean = torch.stack([p.layers[name].b for p in members]).mean(0)
+                layers[name] = LayerFactors(first.a, mean, first.weight_shape, first.kind, True)
+                continue
             a = torch.cat([p.layers[name].a for p in members], dim=1)
             b = torch.cat([p.layers[name].b for p in members], dim=0)
             fa, fb = factorize_product(a, b / len(members), rank)
@@ -132,16 +137,22 @@ def _aligned(packet: KnowledgePacket, previous: KnowledgePacket) -> KnowledgePac
     layers = {}
     for name, lf in packet.layers.items():
         before = previous.layers.get(name)
-        if before is not None and before.a.shape[0] == lf.a.shape[0]:
+        if before is not None and before.a.shape[0] == lf.a.shape[0] and not lf.full:
             a, b = align_signs(lf.a, lf.b, before.a)
-            lf = LayerFactors(a, b, lf.weight_shape, lf.kind)
+            lf = LayerFactors(a, b, lf.weight_shape, lf.kind, lf.full)
         layers[name] = lf
     return KnowledgePacket(layers)
 
 
 def _layers_state(packet: KnowledgePacket) -> dict:
     return {
-        n: {"a": lf.a, "b": lf.b, "weight_shape": list(lf.weight_shape), "kind": lf.kind}
+        n: {
+            "a": lf.a,
+            "b": lf.b,
+            "weight_shape": list(lf.weight_shape),
+            "kind": lf.kind,
+            "full": lf.full,
+        }
         for n, lf in packet.layers.items()
     }
 
@@ -149,7 +160,9 @@ def _layers_state(packet: KnowledgePacket) -> dict:
 def _layers_packet(state: dict) -> KnowledgePacket:
     return KnowledgePacket(
         {
-            n: LayerFactors(lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"])
+            n: LayerFactors(
+                lf["a"], lf["b"], tuple(lf["weight_shape"]), lf["kind"], lf.get("full", False)
+            )
             for n, lf in state.items()
         }
     )

@@ -25,12 +25,19 @@ from mergenet_fl.packet import FactorPair, KnowledgePacket, LayerFactors, Packet
 from mergenet_fl.selection import SelectedLayer, get_matrix, set_matrix
 
 
-def export_packet(model: nn.Module, layers: Sequence[SelectedLayer], rank: int) -> KnowledgePacket:
-    """Rank-``rank`` factors of every selected layer of ``model``."""
+def export_packet(
+    model: nn.Module, layers: Sequence[SelectedLayer], rank: int, *, full: bool = False
+) -> KnowledgePacket:
+    """Rank-``rank`` factors of every selected layer of ``model``; with ``full``, each whole
+    weight ``W: (m, n)`` as the exact factors ``(I_m, W)`` (the reference adapter's input)."""
     out = {}
     for layer in layers:
-        a, b = factorize(get_matrix(model, layer), rank)
-        out[layer.name] = LayerFactors(a, b, layer.weight_shape, layer.kind)
+        w = get_matrix(model, layer)
+        if full:
+            a, b = torch.eye(w.shape[0]), w.detach().to(torch.float32).clone()
+        else:
+            a, b = factorize(w, rank)
+        out[layer.name] = LayerFactors(a, b, layer.weight_shape, layer.kind, full)
     return KnowledgePacket(out)
 
 

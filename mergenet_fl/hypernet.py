@@ -11,7 +11,9 @@ One round, for the clients that take part:
    most ``chunk_size`` target rows keeps step 1's autograd graph for it (small rounds are
    where a second pass costs most beside the work); a larger round recomputes the forward
    pass here on the recorded inputs, a chunk at a time, so memory stays that of one chunk.
-   The adapter has no dropout or batch statistics: its passes do not depend on a mode.
+   The ``reference`` adapter generates with dropout on: each pass draws its random stream
+   from a seed of (adapter seed, round, job, chunk), so that a recomputed pass draws the same
+   masks (its spectral norm's power iteration moves on: equal within about 1e-5).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, partial
 
@@ -30,6 +33,7 @@ from mergenet_fl.adapter import LPKA, AdapterConfig, KeyMemo, SourceTokens
 from mergenet_fl.bank import KnowledgeBank
 from mergenet_fl.lowrank import pad_rank, product_norm
 from mergenet_fl.packet import FactorPair, KnowledgePacket, PacketError
+from mergenet_fl.reference import ReferenceAdapter, WeightSources
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +53,12 @@ class HypernetConfig:
     reads the group's summary as the target's own factors and every member gets the same merged
     factors (what a group that averages its other parameters needs; at initialisation this is
     the group's mean of the transfer layers). Lone members stay targets of their own.
-    ``optimizer`` (``adam``, ``adamw``, ``sgd``), ``lr`` (0: a frozen adapter), ``weight_decay``:
-    the adapter's optimiser. The step size rises linearly over ``warmup_steps`` adapter steps,
-    then, with ``decay_steps``, follows a cosine to 0 at step ``warmup_steps + decay_steps``
-    (the reference code's AdamW with a cosine schedule).
+    ``optimizer`` (``adam``, ``adamw``, ``sgd``), ``lr`` (0: a frozen adapter), ``weight_decay``
+    (never on biases and normalisation weights: the adapter's 1-D parameters): the adapter's
+    optimiser. The step size rises linearly over ``warmup_steps`` adapter steps, stays for
+    ``hold_steps``, then, with ``decay_steps``, follows a cosine to 0 at step
+    ``warmup_steps + hold_steps + decay_steps`` (the reference code's AdamW with a cosine
+    schedule after a constant start).
     ``chunk_size``: targets per forward/backward pass in :meth:`Hypernetwork.update`, and the
     most target rows of a round whose autograd graph :meth:`Hypernetwork.generate` keeps for
     it (memory).
@@ -73,6 +79,7 @@ class HypernetConfig:
     lr: float = 1e-5  # chosen on validation (study paper-tune): 1e-4 and up hurt over many steps
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    hold_steps: int = 0
     decay_steps: int | None = None
     max_grad_norm: float | None = 1.0
     summarize_groups: bool = True
@@ -94,8 +101,8 @@ class HypernetConfig:
             raise ValueError(
                 f"HypernetConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
             )
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("HypernetConfig.weight_decay and warmup_steps must be >= 0")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.hold_steps < 0:
+            raise ValueError("HypernetConfig.weight_decay, warmup_steps, hold_steps must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
         if self.chunk_size < 1:
@@ -114,10 +121,10 @@ class Job:
     members: tuple[tuple[str, ...], ...]
     a: torch.Tensor
     b: torch.Tensor
-    sources: SourceTokens
+    sources: SourceTokens | WeightSources  # what the adapter reads (tokens, or whole weights)
     group: str  # the targets' architecture group
     source_groups: tuple[str, ...]  # the group of each source layer, in token-owner order
-    source_factors: tuple[FactorPair, ...]  # padded to rank R
+    source_factors: tuple[FactorPair, ...]  # padded to rank R (whole weights: as they came)
 
     @property
     def clients(self) -> tuple[str, ...]:
@@ -203,7 +210,9 @@ class Hypernetwork:
     def __init__(self, cfg: HypernetConfig) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.adapter = LPKA(cfg.adapter).to(self.device)
+        self.full = cfg.adapter.full  # whole weights, not rank-R factors
+        adapter = ReferenceAdapter(cfg.adapter) if self.full else LPKA(cfg.adapter)
+        self.adapter: LPKA | ReferenceAdapter = adapter.to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0  # adapter steps taken (the schedule's clock)
         # the adapter's parameters, listed again only when shapes add some (walking the
@@ -213,10 +222,14 @@ class Hypernetwork:
 
     @property
     def rank(self) -> int:
-        return self.cfg.adapter.rank
+        """The largest rank of the factors that travel: ``R``, or for whole weights
+        ``(I_m, W)`` the most rows a layer may have."""
+        return self.cfg.adapter.max_rows if self.full else self.cfg.adapter.rank
 
-    def register_shapes(self, shapes: Sequence[tuple[int, int]]) -> None:
-        """Create adapter projections for new layer shapes, one optimiser group per shape."""
+    def register_shapes(self, shapes: Sequence) -> None:
+        """Create adapter projections for new layer shapes (``(m, n)``; for the reference
+        adapter ``((m, n), (m_s, n_s))`` target–source pairs), one optimiser group per shape
+        (two with weight decay: the 1-D parameters are not decayed)."""
         for shape in shapes:
             params = self.adapter.register_shapes([shape])
             if not params:
@@ -226,7 +239,17 @@ class Hypernetwork:
             if self.optimizer is None:
                 self.optimizer = self._make_optimizer(params)
             else:
-                self.optimizer.add_param_group({"params": params})
+                for group in self._param_groups(params):
+                    self.optimizer.add_param_group(group)
+
+    def _param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
+        """Biases and normalisation weights (1-D) without weight decay, as the reference."""
+        if not self.cfg.weight_decay:
+            return [{"params": params}]
+        decayed = [p for p in params if p.ndim > 1]
+        plain = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decayed}] if decayed else []
+        return groups + ([{"params": plain, "weight_decay": 0.0}] if plain else [])
 
     def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         # The parameters that exist from the start (e.g. the mixing weights λ) join the first group.
@@ -236,24 +259,28 @@ class Hypernetwork:
         # hundreds of small tensors: one fused kernel per step, not a loop over them
         fast = {"foreach": True} if self.cfg.optimizer == "sgd" else {"fused": True}
         return kinds[self.cfg.optimizer](
-            base + params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, **fast
+            self._param_groups(base + params),
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            **fast,
         )
 
     def lr_at(self, step: int) -> float:
-        """The step size of adapter step ``step`` (0-based): warm-up, then cosine decay."""
+        """The step size of adapter step ``step`` (0-based): warm-up, hold, cosine decay."""
         cfg = self.cfg
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         if cfg.decay_steps is None:
             return cfg.lr
-        progress = min((step - cfg.warmup_steps) / cfg.decay_steps, 1.0)
+        start = cfg.warmup_steps + cfg.hold_steps
+        progress = min(max(step - start, 0) / cfg.decay_steps, 1.0)
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def plan(self, bank: KnowledgeBank, targets: Sequence[str]) -> list[Job]:
         """Group targets by (layer, source set) so each group is one batched adapter pass."""
         groups = bank.groups()
         summaries: dict[str, KnowledgePacket] = {}
-        token_cache: dict[object, SourceTokens] = {}
+        token_cache: dict[object, SourceTokens | WeightSources] = {}
         # (source set, layer) -> layer, row -> members, row -> target factors, sources, groups
         batches: dict[object, tuple[str, dict, dict, list, list]] = {}
 
@@ -309,23 +336,59 @@ class Hypernetwork:
                 if key not in batches:
                     batches[key] = (layer, {}, {}, sources, labels)
                 batches[key][1].setdefault(row, []).append(cid)
-                batches[key][2][row] = pad_rank(lf.a, lf.b, self.rank)
+                batches[key][2][row] = self._pad(lf.a, lf.b)
 
         jobs = []
         per_target = self.cfg.self_transfer or self.cfg.source == "none"
         for key, (layer, members, factors, sources, labels) in batches.items():
             tok_key = key if per_target else key[0]
-            padded = tuple(pad_rank(a, b, self.rank) for a, b in sources)
+            padded = tuple(self._pad(a, b) for a, b in sources)
             if tok_key not in token_cache:
-                token_cache[tok_key] = SourceTokens.build(
-                    padded, self.rank, self.cfg.adapter.max_source_tokens
-                )
+                token_cache[tok_key] = self._sources(padded)
             a = torch.stack([factors[r][0] for r in members])
             b = torch.stack([factors[r][1] for r in members])
             rows = tuple(tuple(ms) for ms in members.values())
             group = bank.get(rows[0][0]).group
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
+
+    def _pad(self, a: torch.Tensor, b: torch.Tensor) -> FactorPair:
+        """Factors at the adapter's rank ``R`` (whole weights stay as they are)."""
+        return (a, b) if self.full else pad_rank(a, b, self.rank)
+
+    def _sources(self, padded: Sequence[FactorPair]) -> SourceTokens | WeightSources:
+        """What the adapter reads of these (padded) source factors."""
+        if self.full:
+            return WeightSources.build(padded)
+        return SourceTokens.build(padded, self.rank, self.cfg.adapter.max_source_tokens)
+
+    def _shapes(self, jobs: Sequence[Job]) -> list:
+        """The shapes :meth:`register_shapes` needs for ``jobs``."""
+        if not self.full:
+            return [(j.a.shape[1], j.b.shape[2]) for j in jobs] + [
+                s for j in jobs for s in j.sources.shapes
+            ]
+        pairs = []
+        for j in jobs:
+            target = (j.a.shape[1], j.b.shape[2])
+            pairs += [(target, s) for s in j.sources.shapes]
+            if self.cfg.diagnostics:  # the counterfactual: the target attending to itself
+                pairs.append((target, target))
+        return pairs
+
+    @contextmanager
+    def _replayable(self, round: int, job: int, first_row: int) -> Iterator[None]:
+        """A pass of a stochastic adapter (dropout) draws from a stream seeded by
+        ``(adapter seed, round, job, first row)``: running it again gives the same output."""
+        if not getattr(self.adapter, "stochastic", False):
+            yield
+            return
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(
+                zlib.crc32(f"{self.cfg.adapter.seed}:{round}:{job}:{first_row}".encode())
+            )
+            yield
 
     def _random_source(self, name: str, factors: FactorPair) -> FactorPair:
         """The fixed random stand-in for source ``name`` (``"<owner>/<layer>"``): factors of
@@ -354,10 +417,7 @@ class Hypernetwork:
         """
         with torch.no_grad():
             jobs = self.plan(bank, targets)
-        self.register_shapes(
-            [(j.a.shape[1], j.b.shape[2]) for j in jobs]
-            + [s for j in jobs for s in j.sources.shapes]
-        )
+        self.register_shapes(self._shapes(jobs))
         merged: dict[str, dict[str, FactorPair]] = {}
         pending: list[Callable[[], list[tuple[str, str, dict]]]] = []
         measured: dict[str, dict[str, dict]] = {}
@@ -376,6 +436,7 @@ class Hypernetwork:
                 with (
                     torch.set_grad_enabled(keep),
                     self.adapter.capturing(diagnose) as captured,
+                    self._replayable(round, j, rows[0]),
                 ):
                     out_a, out_b = self.adapter(a, b, sources, memo)
                 if keep:
@@ -393,16 +454,14 @@ class Hypernetwork:
         version = self._version()
         return merged, Generation(round, tuple(jobs), outputs, version, pending, measured)
 
-    def _own_sources(self, job: Job) -> SourceTokens | None:
-        """The tokens of the job's sources of its own group (None without any)."""
+    def _own_sources(self, job: Job) -> SourceTokens | WeightSources | None:
+        """What the adapter reads of the job's sources of its own group (None without any)."""
         own = [
             f for f, g in zip(job.source_factors, job.source_groups, strict=True) if g == job.group
         ]
         if not own:
             return None
-        return SourceTokens.build(own, self.rank, self.cfg.adapter.max_source_tokens).to(
-            self.device
-        )
+        return self._sources(own).to(self.device)
 
     @torch.no_grad()
     def _diagnose(
@@ -423,21 +482,42 @@ class Hypernetwork:
 
         ``a: (N, m, R)``, ``b: (N, R, n)`` (the rows' targets), ``out_a``, ``out_b`` likewise;
         ``own_sources()``: :meth:`_own_sources` of the job.
+
+        The reference adapter (whole weights, dropout) is measured without dropout, both
+        passes; without sources of its own group its counterfactual is the target attending
+        to itself alone, and the effect is relative to the generated weight (which replaces
+        the target's).
         """
         groups = list(dict.fromkeys(job.source_groups))
         columns = torch.tensor([groups.index(g) for g in job.source_groups])
         shares = self.adapter.attention_shares(captured, job.sources, columns)  # (N, groups)
         own = own_sources()
-        if own is not None:
+        if self.full:
+            with _evaluating(self.adapter):
+                out_a, out_b = self.adapter(a, b, job.sources.to(self.device))
+                if own is not None:
+                    ref_a, ref_b = self.adapter(a, b, own)
+                else:
+                    alone = [
+                        self.adapter(
+                            a[i : i + 1], b[i : i + 1], WeightSources.build([(a[i], b[i])])
+                        )
+                        for i in range(len(rows))
+                    ]
+                    ref_a, ref_b = (torch.cat(parts) for parts in zip(*alone, strict=True))
+            scale = product_norm(out_a, out_b)
+        elif own is not None:
             ref_a, ref_b = self.adapter(a, b, own)
+            scale = product_norm(a, b)
         else:  # no source of its own group: without the others the target keeps its factors
             ref_a, ref_b = a, b
+            scale = product_norm(a, b)
         # A'B' − A_r B_r = [A', A' − A_r] [B' − B_r; B_r]: its norm from the factors, and
         # exactly 0 where the two passes agree
         moved = product_norm(
             torch.cat([out_a, out_a - ref_a], -1), torch.cat([out_b - ref_b, ref_b], -2)
         )
-        effects = (moved / product_norm(a, b).clamp_min(1e-12)).tolist()
+        effects = (moved / scale.clamp_min(1e-12)).tolist()
         attention = (
             [{} for _ in rows]
             if shares is None  # the mlp variant does not attend
@@ -484,16 +564,16 @@ class Hypernetwork:
         # accumulates into .grad of the parameters its passes used, and only those.
         from_kept = [t for t in todo if t[0] in kept]
         if from_kept:
-            torch.autograd.backward(
+            _backward(
                 [out for j, *_ in from_kept for out in kept[j]],
-                grad_tensors=[g for *_, grad_a, grad_b in from_kept for g in (grad_a, grad_b)],
+                [g for *_, grad_a, grad_b in from_kept for g in (grad_a, grad_b)],
             )
         used = sum(len(cs) for _, replied, *_ in from_kept for cs in replied)
         for j, replied, rows, grad_a, grad_b in todo:
             if j in kept:
                 continue
-            for chunk, out_a, out_b in self._passes(generation.jobs[j], rows):
-                torch.autograd.backward((out_a, out_b), grad_tensors=(grad_a[chunk], grad_b[chunk]))
+            for chunk, out_a, out_b in self._passes(generation, j, rows):
+                _backward([out_a, out_b], [grad_a[chunk], grad_b[chunk]])
                 used += sum(len(replied[i]) for i in chunk)
         if used == 0 or self.optimizer is None:
             for p in params:
@@ -524,14 +604,20 @@ class Hypernetwork:
         return tuple(p._version for p in self.params)
 
     def _passes(
-        self, job: Job, rows: list[int]
+        self, generation: Generation, j: int, rows: list[int]
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """``(rows, A', B')`` with their graph, one new pass per chunk of ``rows`` (lazily: one
-        chunk's graph in memory at a time)."""
+        """``(chunk, A', B')`` with their graph for job ``j`` of ``generation``, a new pass
+        per chunk of :meth:`generate` that holds one of ``rows`` (the same chunks, so that a
+        stochastic adapter replays its stream; lazily: one chunk's graph at a time)."""
+        job = generation.jobs[j]
         sources = job.sources.to(self.device)
-        for chunk in _chunks(rows, self.cfg.chunk_size):
+        wanted = set(rows)
+        for chunk in _chunks(range(len(job.members)), self.cfg.chunk_size):
+            if wanted.isdisjoint(chunk):
+                continue
             a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
-            yield chunk, *self.adapter(a, b, sources)
+            with self._replayable(generation.round, j, chunk[0]):
+                yield chunk, *self.adapter(a, b, sources)
 
     def state_dict(self) -> dict:
         """A snapshot (deep copy: the optimiser updates its state tensors in place)."""
@@ -549,12 +635,35 @@ class Hypernetwork:
         """Restore into a fresh :class:`Hypernetwork` built with the same config."""
         if self.adapter.registered:
             raise RuntimeError("load_state_dict needs a fresh Hypernetwork")
-        self.register_shapes([tuple(s) for s in state["shapes"]])
+        self.register_shapes([_as_tuple(s) for s in state["shapes"]])
         self.adapter.load_state_dict(state["adapter"])
         if state["optimizer"] is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = state.get("steps", 0)
         self.random_sources = copy.deepcopy(state.get("random_sources", {}))
+
+
+def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Backpropagate ``grads`` through the ``outputs`` that depend on the adapter (the
+    reference adapter's ``A' = I`` does not)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
+@contextmanager
+def _evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) inside, its own mode after."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def _as_tuple(shape: object) -> object:
+    """A saved shape (lists after a round trip) as the nested tuples the adapter keys by."""
+    return tuple(_as_tuple(s) for s in shape) if isinstance(shape, (list, tuple)) else int(shape)
 
 
 def _record(into: dict[str, dict[str, dict]], results: list[tuple[str, str, dict]]) -> None:

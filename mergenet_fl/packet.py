@@ -30,14 +30,22 @@ class PacketError(ValueError):
     """A packet, merged factors or gradient pieces failed validation."""
 
 
+ENCODINGS = ("lowrank", "full")
+
+
 @dataclass(frozen=True)
 class LayerFactors:
-    """Rank-r factors of one layer: ``A: (m, r)``, ``B: (r, n)``, and the weight they encode."""
+    """Rank-r factors of one layer: ``A: (m, r)``, ``B: (r, n)``, and the weight they encode.
+
+    ``full``: the layer travels as its whole weight, as the exact factors ``(I_m, W)`` (the
+    reference adapter's encoding: ``r = m``, nothing truncated).
+    """
 
     a: torch.Tensor
     b: torch.Tensor
     weight_shape: tuple[int, ...]
     kind: str
+    full: bool = False
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -60,9 +68,12 @@ class KnowledgePacket:
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: lf.matrix_shape for name, lf in self.layers.items()}
 
-    def signature(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    def signature(self) -> tuple[tuple[str, tuple[int, ...], str, str], ...]:
         """What must match between clients of one architecture group."""
-        return tuple((n, lf.weight_shape, lf.kind) for n, lf in sorted(self.layers.items()))
+        return tuple(
+            (n, lf.weight_shape, lf.kind, ENCODINGS[lf.full])
+            for n, lf in sorted(self.layers.items())
+        )
 
     def num_values(self) -> int:
         return sum(lf.a.numel() + lf.b.numel() for lf in self.layers.values())
@@ -72,7 +83,12 @@ class KnowledgePacket:
         manifest = {
             "version": FORMAT_VERSION,
             "layers": {
-                name: {"shape": list(lf.weight_shape), "kind": lf.kind, "rank": lf.rank}
+                name: {
+                    "shape": list(lf.weight_shape),
+                    "kind": lf.kind,
+                    "rank": lf.rank,
+                    "encoding": ENCODINGS[lf.full],
+                }
                 for name, lf in self.layers.items()
             },
         }
@@ -87,7 +103,10 @@ class KnowledgePacket:
         max_rank: int,
         max_values: int | None = None,
     ) -> KnowledgePacket:
-        """Decode and validate; raise :class:`PacketError` naming the layer and the problem."""
+        """Decode and validate; raise :class:`PacketError` naming the layer and the problem.
+
+        A ``full`` layer's rank is its row count ``m`` (its ``A`` must be exactly ``I_m``).
+        """
         layers_meta = _parse_manifest(manifest)
         shapes: dict[str, tuple[int, int]] = {}
         for name, meta in layers_meta.items():
@@ -99,12 +118,15 @@ class KnowledgePacket:
         layers = {}
         for name, (a, b) in factors.items():
             meta = layers_meta[name]
+            full = _is_full(meta)
             if meta["rank"] != a.shape[1]:
                 raise PacketError(
                     f"packet layer {name!r}: manifest says rank {meta['rank']}, "
                     f"factors have rank {a.shape[1]}"
                 )
-            layers[name] = LayerFactors(a, b, tuple(meta["shape"]), meta["kind"])
+            if full and not torch.equal(a, torch.eye(a.shape[0])):
+                raise PacketError(f"packet layer {name!r}: a full weight's A is not the identity")
+            layers[name] = LayerFactors(a, b, tuple(meta["shape"]), meta["kind"], full)
         return cls(layers)
 
 
@@ -132,7 +154,15 @@ def _parse_manifest(manifest: str) -> dict[str, dict]:
             raise PacketError(f"packet layer {name!r}: kind {kind!r} does not fit shape {shape}")
         if not isinstance(rank, int) or isinstance(rank, bool):
             raise PacketError(f"packet layer {name!r}: rank {rank!r} is not an integer")
+        if meta.get("encoding", "lowrank") not in ENCODINGS:
+            raise PacketError(
+                f"packet layer {name!r}: encoding {meta.get('encoding')!r}; one of {ENCODINGS}"
+            )
     return layers
+
+
+def _is_full(meta: dict) -> bool:
+    return meta.get("encoding", "lowrank") == "full"
 
 
 def encode_factors(

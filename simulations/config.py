@@ -213,7 +213,7 @@ class ExperimentConfig:
         schedule = s.get("schedule", "constant")
         if schedule not in SCHEDULES:
             raise ConfigError(f"strategy.schedule must be one of {SCHEDULES}, got {schedule!r}")
-        warmup = s.get("warmup_steps", 0)
+        warmup, hold = s.get("warmup_steps", 0), s.get("hold_steps", 0)
         adapter_steps = (self.num_rounds - 1) // self.transfer_every  # one per transfer round
         return HypernetConfig(
             adapter=AdapterConfig(rank=self.rank, seed=self.seed, **self.adapter),
@@ -221,7 +221,8 @@ class ExperimentConfig:
             lr=s.get("lr", HypernetConfig.lr),
             weight_decay=s.get("weight_decay", HypernetConfig.weight_decay),
             warmup_steps=warmup,
-            decay_steps=max(adapter_steps - warmup, 1) if schedule == "cosine" else None,
+            hold_steps=hold,
+            decay_steps=max(adapter_steps - warmup - hold, 1) if schedule == "cosine" else None,
             max_grad_norm=s.get("max_grad_norm", HypernetConfig.max_grad_norm),
             summarize_groups=s.get("summarize_groups", HypernetConfig.summarize_groups),
             self_transfer=s.get("self_transfer", HypernetConfig.self_transfer),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergenet_fl import as_spec, select_layers
+from mergenet_fl import AdapterConfig, as_spec, select_layers
 from simulations import custom
 from simulations import data as D
 from simulations.config import ClientGroup, ConfigError, ExperimentConfig
@@ -94,9 +94,11 @@ def _group_problems(
     except Exception as exc:  # a _target_ model: anything it raises is the problem
         return [*found, f"arch cannot be built: {exc}"]
     try:
-        select_layers(model, as_spec(group.layers, group.exclude))
+        selected = select_layers(model, as_spec(group.layers, group.exclude))
     except ValueError as exc:
         found.append(f"layers {list(group.layers)}: {exc}")
+    else:
+        found += _whole_weight_problems(cfg, selected)
     if group.task == "extractive_qa":
         heads[group.group] = None
         return found
@@ -109,6 +111,19 @@ def _group_problems(
     else:
         heads[group.group] = tuple(head.weight.shape)
     return found
+
+
+def _whole_weight_problems(cfg: ExperimentConfig, selected: list) -> list[str]:
+    """Layers too large to travel whole under the reference adapter (``adapter.max_rows``)."""
+    if cfg.strategy.get("name") != "mergenet" or cfg.adapter.get("variant") != "reference":
+        return []
+    limit = cfg.adapter.get("max_rows", AdapterConfig.max_rows)
+    return [
+        f"layer {layer.name!r} ({layer.matrix_shape[0]}x{layer.matrix_shape[1]}) has more than "
+        f"adapter.max_rows={limit} rows to travel whole under adapter=reference"
+        for layer in selected
+        if layer.matrix_shape[0] > limit
+    ]
 
 
 # what each method exchanges, and what of the head's weight shape (classes, features) it needs

@@ -439,6 +439,9 @@ def targets_section(runs: list[Run]) -> list[str]:
     """The issue's targets against what the runs measured (the federation that has both
     baselines and MergeNet (lpka))."""
     tables = [Table.of(rs) for rs in by_federation(runs).values()]
+    with_reference = [t for t in tables if LOCAL in t.by_method and reference_methods(t)[0]]
+    if with_reference:
+        return reference_targets(with_reference[0], runs)
     pairs = [
         t
         for t in tables
@@ -780,6 +783,65 @@ def paper_targets(t: Table, runs: list[Run]) -> list[str]:
             _yes(low >= 0.45),
         )
     )
+    minutes = study_seconds(runs) / 60
+    rows.append(
+        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
+    )
+    out = [
+        f"## Targets ({' + '.join(t.groups)})",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+
+
+def reference_methods(t: Table) -> tuple[str | None, str | None]:
+    """The MergeNet methods of ``t`` with the ``reference`` adapter: real source, random
+    source (None where there is not exactly one)."""
+    found = [m for m in t.by_method if re.match(r"MergeNet \(reference[,)]", m)]
+    real = [m for m in found if "source random" not in m and "source none" not in m]
+    random = [m for m in found if "source random" in m]
+    return (real[0] if len(real) == 1 else None), (random[0] if len(random) == 1 else None)
+
+
+def _difference(t: Table, method: str, base: str, group: str) -> tuple[str, bool]:
+    """``method − base`` on ``group``, paired by seed, with its 95 % interval; and whether
+    its mean reaches +1 point."""
+    diff = paired(t.by_method[method], t.by_method[base], group)
+    if diff is None:
+        return "n/a", False
+    mean, half, n = diff
+    text = (
+        f"{100 * mean:+.1f} points [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
+        f"(95 %, {n} seeds)"
+    )
+    return text, mean >= 0.01
+
+
+def reference_targets(t: Table, runs: list[Run]) -> list[str]:
+    """Study ``reference``'s targets: on each group that receives (a transfer effect was
+    measured), the real source against LocalOnly and against the random source."""
+    real, random = reference_methods(t)
+    targets = [g for g in t.groups if any(g in r.transfer_effect for r in t.by_method[real])]
+    rows = []
+    for g in targets:
+        text, met = _difference(t, real, LOCAL, g)
+        rows.append((f"real source ≥ LocalOnly + 1 point: {g}", text, _yes(met)))
+        if random is not None:
+            text, met = _difference(t, real, random, g)
+            rows.append((f"real source ≥ random source + 1 point: {g}", text, _yes(met)))
+        lpka = variant_method(t, "lpka")
+        if lpka is not None:
+            text, _ = _difference(t, lpka, LOCAL, g)
+            rows.append((f"{lpka} − LocalOnly: {g} (for comparison)", text, "–"))
+    for g in t.groups:
+        chance = t.chance(g)
+        mean, std = t.score(LOCAL, g)
+        above = f", chance {100 * chance:.1f} %" if chance is not None else ""
+        rows.append(
+            (f"LocalOnly above chance: {g}", f"{100 * mean:.1f} ± {100 * std:.1f} %{above}", "–")
+        )
     minutes = study_seconds(runs) / 60
     rows.append(
         ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))

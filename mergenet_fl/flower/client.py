@@ -189,7 +189,8 @@ def knowledge_records(
     records: dict[str, ArrayRecord] = {}
     manifest = ""
     if config.get(p.SEND_PACKET, False):
-        arrays, manifest = export_packet(model, layers, rank).to_wire()
+        full = bool(config.get(p.FULL_WEIGHTS, False))  # the server's adapter decides
+        arrays, manifest = export_packet(model, layers, rank, full=full).to_wire()
         records[p.PACKET] = p.to_record(arrays)
     if installed:
         if pieces is None:

@@ -108,6 +108,7 @@ class MergeNet(PeerStrategy):
         return {
             p.SEND_PACKET: self.is_transfer_round(server_round + 1),
             p.ADAPTER_RANK: self.hypernet.rank,
+            p.FULL_WEIGHTS: self.hypernet.full,
         }
 
     def train_records(
@@ -148,6 +149,13 @@ class MergeNet(PeerStrategy):
                 max_values=self.max_packet_values,
             )
             for layer, lf in packet.layers.items():
+                if lf.full != self.hypernet.full:
+                    want = "whole weights" if self.hypernet.full else "low-rank factors"
+                    raise PacketError(
+                        f"packet layer {layer!r}: {'a whole weight' if lf.full else 'low-rank'} "
+                        f"factors, but this server's adapter "
+                        f"({self.hypernet.cfg.adapter.variant}) takes {want}"
+                    )
                 norm = max(float(lf.a.double().norm()), float(lf.b.double().norm()))
                 if norm > self.max_factor_norm:
                     raise PacketError(

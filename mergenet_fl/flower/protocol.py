@@ -45,6 +45,7 @@ ROUND = "server-round"
 SEND_PACKET = "send-packet"
 SHARE = "share"
 ADAPTER_RANK = "adapter-rank"
+FULL_WEIGHTS = "full-weights"  # packets carry whole weights (the reference adapter's input)
 ENERGY = "svd-energy"  # FedKD: share of the singular values' energy its factors keep
 CLIENT_STATE_DIR = "client-state-dir"  # where clients keep their models across restarts
 SHARE_MODES = ("none", "unselected", "all")
