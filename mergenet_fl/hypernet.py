@@ -70,8 +70,9 @@ class HypernetConfig:
     own factors only.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
-    :meth:`Generation.measure` asks, or, in a larger round, on the first chunk of each job of
-    targets (a sample of at most ``chunk_size`` targets per layer and source set).
+    :meth:`Generation.measure` asks, or, in a round larger than one chunk, on the first
+    ``diagnostic_rows`` targets of each job (a sample per layer and source set, in a pass of
+    their own: the diagnostics are read as group means).
     """
 
     adapter: AdapterConfig = AdapterConfig()
@@ -86,6 +87,7 @@ class HypernetConfig:
     self_transfer: bool = False
     group_targets: bool = False
     chunk_size: int = 64
+    diagnostic_rows: int = 8
     device: str = "cpu"
     diagnostics: bool = True
     source: str = "real"
@@ -105,8 +107,11 @@ class HypernetConfig:
             raise ValueError("HypernetConfig.weight_decay, warmup_steps, hold_steps must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
-        if self.chunk_size < 1:
-            raise ValueError(f"HypernetConfig.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size < 1 or self.diagnostic_rows < 1:
+            raise ValueError(
+                "HypernetConfig.chunk_size and diagnostic_rows must be >= 1, got "
+                f"{self.chunk_size} and {self.diagnostic_rows}"
+            )
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,15 @@ class Hypernetwork:
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
 
+    def _row_chunks(self, rows: int, keep: bool) -> list[list[int]]:
+        """How :meth:`generate` splits a job's ``rows`` targets into passes: ``chunk_size``
+        at a time; in a round whose graph is not kept, the first ``diagnostic_rows`` (at most a
+        chunk: the diagnostics' sample, when on) in a pass of their own."""
+        sample = min(self.cfg.diagnostic_rows, self.cfg.chunk_size)
+        if keep or not self.cfg.diagnostics or rows <= sample:
+            return _chunks(range(rows), self.cfg.chunk_size)
+        return [list(range(sample)), *_chunks(range(sample, rows), self.cfg.chunk_size)]
+
     def _pad(self, a: torch.Tensor, b: torch.Tensor) -> FactorPair:
         """Factors at the adapter's rank ``R`` (whole weights stay as they are)."""
         return (a, b) if self.full else pad_rank(a, b, self.rank)
@@ -412,8 +426,8 @@ class Hypernetwork:
         When the round's target rows fit in one chunk (``chunk_size``) the passes keep their
         autograd graph, so that :meth:`update` need not run them again, and the diagnostics
         wait for :meth:`Generation.measure`; a larger round measures them as it goes, on the
-        first chunk of each job (at most ``chunk_size`` targets per layer and source set: the
-        diagnostics are read as group means), so that memory stays that of one chunk.
+        first ``diagnostic_rows`` targets of each job (the diagnostics are read as group
+        means), so that memory stays that of one chunk.
         """
         with torch.no_grad():
             jobs = self.plan(bank, targets)
@@ -429,7 +443,7 @@ class Hypernetwork:
             memo = memos.setdefault(id(job.sources), KeyMemo())
             # the job's sources of its own group: built once, when first measured
             own = cache(partial(self._own_sources, job))
-            for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
+            for rows in self._row_chunks(len(job.members), keep):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
                 # a larger round measures the first chunk of each job: a sample of its targets
                 diagnose = self.cfg.diagnostics and (keep or rows[0] == 0)
@@ -612,7 +626,8 @@ class Hypernetwork:
         job = generation.jobs[j]
         sources = job.sources.to(self.device)
         wanted = set(rows)
-        for chunk in _chunks(range(len(job.members)), self.cfg.chunk_size):
+        keep = sum(len(other.members) for other in generation.jobs) <= self.cfg.chunk_size
+        for chunk in self._row_chunks(len(job.members), keep):
             if wanted.isdisjoint(chunk):
                 continue
             a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
