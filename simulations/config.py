@@ -241,6 +241,8 @@ class ExperimentConfig:
             node_wait=self.node_wait,
             seed=self.seed,
             on_round=on_round,
+            average=self.strategy.get("average", "mean"),
+            trim=float(self.strategy.get("trim", 0.2)),
         )
         name = self.strategy["name"]
         if name == "local":
@@ -279,6 +281,7 @@ class ExperimentConfig:
             max_packet_values=self.strategy.get("max_packet_values", 50_000_000),
             max_factor_norm=self.strategy.get("max_factor_norm", 1e4),
             clip_pieces=self.strategy.get("clip_pieces", 100.0),
+            screen=self.strategy.get("screen"),
             **common,
         )
 
