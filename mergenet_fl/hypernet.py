@@ -38,6 +38,7 @@ from mergenet_fl.reference import ReferenceAdapter, WeightSources
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+COMBINES = ("sum", "median", "trimmed")
 SOURCES = ("real", "random", "none")
 
 
@@ -68,6 +69,11 @@ class HypernetConfig:
     of its norm when first seen (seeded by its owner and layer, the same in every round), so
     that the adapter never sees another client's weights. ``none``: a target attends to its
     own factors only.
+    ``combine``: how the clients' contributions to the adapter's gradient add up: ``sum``
+    (the pFedHN rule: one backward pass per chunk of targets), or, per coordinate, ``median``
+    or ``trimmed`` (``trim`` of the rows dropped at each end), times the number of rows, so
+    that a minority of clients cannot steer the shared adapter; these cost one backward pass
+    and one gradient-sized vector per replying target row.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
     :meth:`Generation.measure` asks, or, in a round larger than one chunk, on the first
@@ -91,10 +97,16 @@ class HypernetConfig:
     device: str = "cpu"
     diagnostics: bool = True
     source: str = "real"
+    combine: str = "sum"
+    trim: float = 0.2
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"HypernetConfig.optimizer={self.optimizer!r}; choose {OPTIMIZERS}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"HypernetConfig.combine={self.combine!r}; choose {COMBINES}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError(f"HypernetConfig.trim must be in [0, 0.5), got {self.trim}")
         if self.source not in SOURCES:
             raise ValueError(f"HypernetConfig.source={self.source!r}; choose {SOURCES}")
         if not self.lr >= 0:  # 0: a frozen adapter (the method's untrained edge)
@@ -577,18 +589,31 @@ class Hypernetwork:
         # first, so that they are freed before a recomputed pass builds its own. A call
         # accumulates into .grad of the parameters its passes used, and only those.
         from_kept = [t for t in todo if t[0] in kept]
-        if from_kept:
+        units: list[torch.Tensor] = []  # combine != "sum": each replying row's gradient
+        reached: set[int] = set()  # the parameters those gradients reach
+        if from_kept and self.cfg.combine == "sum":
             _backward(
                 [out for j, *_ in from_kept for out in kept[j]],
                 [g for *_, grad_a, grad_b in from_kept for g in (grad_a, grad_b)],
             )
+        elif from_kept:
+            for j, _, rows, grad_a, grad_b in from_kept:
+                units += _row_gradients(kept[j], (grad_a, grad_b), rows, params, reached)
         used = sum(len(cs) for _, replied, *_ in from_kept for cs in replied)
         for j, replied, rows, grad_a, grad_b in todo:
             if j in kept:
                 continue
             for chunk, out_a, out_b in self._passes(generation, j, rows):
-                _backward([out_a, out_b], [grad_a[chunk], grad_b[chunk]])
+                grads = (grad_a[chunk], grad_b[chunk])
+                if self.cfg.combine == "sum":
+                    _backward([out_a, out_b], list(grads))
+                else:
+                    mine = [k for k, i in enumerate(chunk) if replied[i]]
+                    units += _row_gradients((out_a, out_b), grads, mine, params, reached)
                 used += sum(len(replied[i]) for i in chunk)
+        if units:
+            robust = _robust(torch.stack(units), self.cfg.combine, self.cfg.trim)
+            _set_gradient(params, robust, reached)
         if used == 0 or self.optimizer is None:
             for p in params:
                 p.grad = None
@@ -656,6 +681,61 @@ class Hypernetwork:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = state.get("steps", 0)
         self.random_sources = copy.deepcopy(state.get("random_sources", {}))
+
+
+def _row_gradients(
+    outputs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rows: Sequence[int],
+    params: list[torch.nn.Parameter],
+    used: set[int],
+) -> list[torch.Tensor]:
+    """The adapter's gradient from each of ``rows`` alone: ``outputs`` ``(A', B')`` of ``N``
+    rows with ``grads`` ``(G_A, G_B)`` of the same shapes -> one flat ``(P,)`` vector per row
+    (the graph is kept for the next row); the indices of the parameters reached go to
+    ``used``."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    out = []
+    for i in rows:
+        masked = []
+        for _, g in pairs:
+            only = torch.zeros_like(g)
+            only[i] = g[i]
+            masked.append(only)
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], params, masked, retain_graph=True, allow_unused=True
+        )
+        used.update(k for k, f in enumerate(found) if f is not None)
+        out.append(
+            torch.cat(
+                [
+                    (f if f is not None else torch.zeros_like(p)).reshape(-1)
+                    for f, p in zip(found, params, strict=True)
+                ]
+            )
+        )
+    return out
+
+
+def _robust(units: torch.Tensor, how: str, trim: float) -> torch.Tensor:
+    """``(U, P)`` per-row gradients -> ``(P,)``: their coordinate-wise median or trimmed
+    mean, times ``U`` (the scale of their sum)."""
+    if how == "median":
+        middle = units.median(dim=0).values
+    else:
+        cut = int(trim * len(units))
+        middle = units.sort(dim=0).values[cut : len(units) - cut].mean(dim=0)
+    return middle * len(units)
+
+
+def _set_gradient(params: list[torch.nn.Parameter], flat: torch.Tensor, used: set[int]) -> None:
+    """Write ``flat`` ``(P,)`` into the ``.grad`` of ``params`` (in order) that a row
+    reached (``used``); the others keep none, as after a plain backward pass."""
+    offset = 0
+    for k, p in enumerate(params):
+        if k in used:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

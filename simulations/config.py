@@ -229,6 +229,8 @@ class ExperimentConfig:
             group_targets=group_targets,
             device=str(resolve_device(self.device)),
             source=s.get("source", HypernetConfig.source),
+            combine=s.get("combine", HypernetConfig.combine),
+            trim=float(s.get("trim", HypernetConfig.trim)),
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:

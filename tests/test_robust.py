@@ -7,7 +7,15 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from harness import FakeGrid, TinyClient, mlp, set_task_identity
-from mergenet_fl import AdapterConfig, HypernetConfig
+from mergenet_fl import (
+    AdapterConfig,
+    HypernetConfig,
+    Hypernetwork,
+    KnowledgeBank,
+    KnowledgePacket,
+    LayerFactors,
+    factorize,
+)
 from mergenet_fl.flower import GroupFedAvg, MergeNet
 from mergenet_fl.flower import protocol as p
 from mergenet_fl.robust import above_median, against_median, combine
@@ -68,8 +76,8 @@ def test_a_robust_group_average_is_not_steered_by_one_replaced_model(average):
         grid = mlp_federation()
         attacker = grid.node_of("m3")
         if attack:  # model replacement: m3 shares its parameters scaled up 100 times
-            grid.tamper = lambda nid, msg: (
-                scale_record(msg, p.SHARED, 100.0) if nid == attacker else msg
+            grid.tamper = lambda nid, msg, bad=attacker: (
+                scale_record(msg, p.SHARED, 100.0) if nid == bad else msg
             )
         strat = GroupFedAvg(average=average, trim=0.25)
         strat.start(grid=grid, initial_arrays=initial(), num_rounds=1, timeout=10)
@@ -102,7 +110,9 @@ def test_screening_keeps_a_scaled_or_flipped_packet_out_of_the_bank(factor, why,
     for screen, stored in ((None, True), (3.0, False)):
         grid = mlp_federation()
         attacker = grid.node_of("m3")
-        grid.tamper = lambda nid, msg: scale_record_b(msg, factor) if nid == attacker else msg
+        grid.tamper = lambda nid, msg, bad=attacker: (
+            scale_record_b(msg, factor) if nid == bad else msg
+        )
         strat = mergenet(screen)
         records = []
         strat.on_round = records.append
@@ -145,3 +155,89 @@ def test_a_wrong_defence_setting_is_refused_before_anything_runs():
     assert any("strategy.average" in f and "mode" in f for f in found), found
     found = problems(compose("federation=tiny strategy=mergenet strategy.screen=0.5"))
     assert any("strategy.screen must be" in f for f in found), found
+
+
+def twins(**kwargs):
+    """Two hypernetworks of one config (SGD 0.1, no clipping), away from the identity."""
+    cfg = HypernetConfig(
+        adapter=AdapterConfig(rank=4, dim=8, heads=2, layers=1, max_source_tokens=8),
+        optimizer="sgd",
+        lr=0.1,
+        max_grad_norm=None,
+        **kwargs,
+    )
+    out = []
+    for _ in range(2):
+        hn = Hypernetwork(cfg)
+        hn.register_shapes([(10, 32), (12, 18)])
+        with torch.no_grad():
+            for i, par in enumerate(hn.adapter.parameters()):
+                par.copy_(torch.randn(par.shape, generator=torch.Generator().manual_seed(i)) * 0.3)
+        out.append(hn)
+    return out
+
+
+def five_clients() -> KnowledgeBank:
+    bank = KnowledgeBank()
+    for i in range(5):
+        w = torch.randn(10, 32, generator=torch.Generator().manual_seed(i))
+        bank.put(
+            f"c{i}",
+            KnowledgePacket({"fc": LayerFactors(*factorize(w, 4), (10, 32), "linear")}),
+            group="g",
+            round=1,
+        )
+    w = torch.randn(12, 18, generator=torch.Generator().manual_seed(9))
+    bank.put(
+        "s",
+        KnowledgePacket({"w": LayerFactors(*factorize(w, 4), (12, 18), "linear")}),
+        group="h",
+        round=1,
+        send_only=True,
+    )
+    return bank
+
+
+def pieces_for(merged, scale_of=None, factor=1.0):
+    out = {}
+    for i, (cid, layers) in enumerate(sorted(merged.items())):
+        gen = torch.Generator().manual_seed(100 + i)
+        s = factor if cid == scale_of else 1.0
+        out[cid] = {
+            n: (torch.randn(a.shape, generator=gen) * s, torch.randn(b.shape, generator=gen) * s)
+            for n, (a, b) in layers.items()
+        }
+    return out
+
+
+def step(hn, bank, pieces_of, chunk_rounds=2):
+    merged, generation = hn.generate(bank, [f"c{i}" for i in range(5)], round=chunk_rounds)
+    before = [p.detach().clone() for p in hn.adapter.parameters()]
+    hn.update(generation, pieces_of(merged))
+    return torch.cat(
+        [(p.detach() - b).reshape(-1) for p, b in zip(hn.adapter.parameters(), before, strict=True)]
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [64, 2])  # the graph kept, or recomputed in chunks
+def test_a_trimmed_combination_with_nothing_trimmed_is_the_sum(chunk_size):
+    summed, trimmed = (
+        twins(chunk_size=chunk_size),
+        twins(chunk_size=chunk_size, combine="trimmed", trim=0.0),
+    )
+    bank = five_clients()
+    a = step(summed[0], bank, pieces_for)
+    b = step(trimmed[0], bank, pieces_for)
+    assert a.norm() > 0
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["median", "trimmed"])
+def test_one_client_with_huge_pieces_cannot_steer_a_robust_adapter_step(combine):
+    bank = five_clients()
+    honest = step(twins(combine=combine)[0], bank, pieces_for)
+    attacked = step(twins(combine=combine)[0], bank, lambda m: pieces_for(m, "c4", 1000.0))
+    plain = step(twins()[0], bank, lambda m: pieces_for(m, "c4", 1000.0))
+    plain_honest = step(twins()[0], bank, pieces_for)
+    assert (plain - plain_honest).norm() > 50 * plain_honest.norm()  # the sum follows it
+    assert (attacked - honest).norm() < 2 * honest.norm()  # a robust step stays honest-sized
