@@ -60,7 +60,7 @@ class MergeNet(PeerStrategy):
         Screening against the others of a round (``None``: off). A packet is not stored when
         a layer's weight norm exceeds ``screen`` times the median of its group's (the bank's
         and this round's packets), or points away from the coordinate-wise median of the
-        others' weights (cosine below −0.5; at most 16 others, the latest); a client's gradient
+        others' weights (cosine below −0.5; at most 16 others); a client's gradient
         pieces are scaled down to ``screen`` times the round's median norm. Each needs 3
         clients to compare.
     **kwargs:
