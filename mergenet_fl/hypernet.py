@@ -38,6 +38,7 @@ from mergenet_fl.reference import ReferenceAdapter, WeightSources
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+COMBINES = ("sum", "median", "trimmed")
 SOURCES = ("real", "random", "none")
 
 
@@ -68,10 +69,16 @@ class HypernetConfig:
     of its norm when first seen (seeded by its owner and layer, the same in every round), so
     that the adapter never sees another client's weights. ``none``: a target attends to its
     own factors only.
+    ``combine``: how the clients' contributions to the adapter's gradient add up: ``sum``
+    (the pFedHN rule: one backward pass per chunk of targets), or, per coordinate, ``median``
+    or ``trimmed`` (``trim`` of the rows dropped at each end), times the number of rows, so
+    that a minority of clients cannot steer the shared adapter; these cost one backward pass
+    and one gradient-sized vector per replying target row.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
-    :meth:`Generation.measure` asks, or, in a larger round, on the first chunk of each job of
-    targets (a sample of at most ``chunk_size`` targets per layer and source set).
+    :meth:`Generation.measure` asks, or, in a round larger than one chunk, on the first
+    ``diagnostic_rows`` targets of each job (a sample per layer and source set, in a pass of
+    their own: the diagnostics are read as group means).
     """
 
     adapter: AdapterConfig = AdapterConfig()
@@ -86,13 +93,20 @@ class HypernetConfig:
     self_transfer: bool = False
     group_targets: bool = False
     chunk_size: int = 64
+    diagnostic_rows: int = 8
     device: str = "cpu"
     diagnostics: bool = True
     source: str = "real"
+    combine: str = "sum"
+    trim: float = 0.2
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"HypernetConfig.optimizer={self.optimizer!r}; choose {OPTIMIZERS}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"HypernetConfig.combine={self.combine!r}; choose {COMBINES}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError(f"HypernetConfig.trim must be in [0, 0.5), got {self.trim}")
         if self.source not in SOURCES:
             raise ValueError(f"HypernetConfig.source={self.source!r}; choose {SOURCES}")
         if not self.lr >= 0:  # 0: a frozen adapter (the method's untrained edge)
@@ -105,8 +119,11 @@ class HypernetConfig:
             raise ValueError("HypernetConfig.weight_decay, warmup_steps, hold_steps must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
-        if self.chunk_size < 1:
-            raise ValueError(f"HypernetConfig.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size < 1 or self.diagnostic_rows < 1:
+            raise ValueError(
+                "HypernetConfig.chunk_size and diagnostic_rows must be >= 1, got "
+                f"{self.chunk_size} and {self.diagnostic_rows}"
+            )
 
 
 @dataclass(frozen=True)
@@ -352,6 +369,15 @@ class Hypernetwork:
             jobs.append(Job(layer, rows, a, b, token_cache[tok_key], group, tuple(labels), padded))
         return jobs
 
+    def _row_chunks(self, rows: int, keep: bool) -> list[list[int]]:
+        """How :meth:`generate` splits a job's ``rows`` targets into passes: ``chunk_size``
+        at a time; in a round whose graph is not kept, the first ``diagnostic_rows`` (at most a
+        chunk: the diagnostics' sample, when on) in a pass of their own."""
+        sample = min(self.cfg.diagnostic_rows, self.cfg.chunk_size)
+        if keep or not self.cfg.diagnostics or rows <= sample:
+            return _chunks(range(rows), self.cfg.chunk_size)
+        return [list(range(sample)), *_chunks(range(sample, rows), self.cfg.chunk_size)]
+
     def _pad(self, a: torch.Tensor, b: torch.Tensor) -> FactorPair:
         """Factors at the adapter's rank ``R`` (whole weights stay as they are)."""
         return (a, b) if self.full else pad_rank(a, b, self.rank)
@@ -412,8 +438,8 @@ class Hypernetwork:
         When the round's target rows fit in one chunk (``chunk_size``) the passes keep their
         autograd graph, so that :meth:`update` need not run them again, and the diagnostics
         wait for :meth:`Generation.measure`; a larger round measures them as it goes, on the
-        first chunk of each job (at most ``chunk_size`` targets per layer and source set: the
-        diagnostics are read as group means), so that memory stays that of one chunk.
+        first ``diagnostic_rows`` targets of each job (the diagnostics are read as group
+        means), so that memory stays that of one chunk.
         """
         with torch.no_grad():
             jobs = self.plan(bank, targets)
@@ -429,7 +455,7 @@ class Hypernetwork:
             memo = memos.setdefault(id(job.sources), KeyMemo())
             # the job's sources of its own group: built once, when first measured
             own = cache(partial(self._own_sources, job))
-            for rows in _chunks(range(len(job.members)), self.cfg.chunk_size):
+            for rows in self._row_chunks(len(job.members), keep):
                 a, b = job.a[rows].to(self.device), job.b[rows].to(self.device)
                 # a larger round measures the first chunk of each job: a sample of its targets
                 diagnose = self.cfg.diagnostics and (keep or rows[0] == 0)
@@ -563,18 +589,31 @@ class Hypernetwork:
         # first, so that they are freed before a recomputed pass builds its own. A call
         # accumulates into .grad of the parameters its passes used, and only those.
         from_kept = [t for t in todo if t[0] in kept]
-        if from_kept:
+        units: list[torch.Tensor] = []  # combine != "sum": each replying row's gradient
+        reached: set[int] = set()  # the parameters those gradients reach
+        if from_kept and self.cfg.combine == "sum":
             _backward(
                 [out for j, *_ in from_kept for out in kept[j]],
                 [g for *_, grad_a, grad_b in from_kept for g in (grad_a, grad_b)],
             )
+        elif from_kept:
+            for j, _, rows, grad_a, grad_b in from_kept:
+                units += _row_gradients(kept[j], (grad_a, grad_b), rows, params, reached)
         used = sum(len(cs) for _, replied, *_ in from_kept for cs in replied)
         for j, replied, rows, grad_a, grad_b in todo:
             if j in kept:
                 continue
             for chunk, out_a, out_b in self._passes(generation, j, rows):
-                _backward([out_a, out_b], [grad_a[chunk], grad_b[chunk]])
+                grads = (grad_a[chunk], grad_b[chunk])
+                if self.cfg.combine == "sum":
+                    _backward([out_a, out_b], list(grads))
+                else:
+                    mine = [k for k, i in enumerate(chunk) if replied[i]]
+                    units += _row_gradients((out_a, out_b), grads, mine, params, reached)
                 used += sum(len(replied[i]) for i in chunk)
+        if units:
+            robust = _robust(torch.stack(units), self.cfg.combine, self.cfg.trim)
+            _set_gradient(params, robust, reached)
         if used == 0 or self.optimizer is None:
             for p in params:
                 p.grad = None
@@ -612,7 +651,8 @@ class Hypernetwork:
         job = generation.jobs[j]
         sources = job.sources.to(self.device)
         wanted = set(rows)
-        for chunk in _chunks(range(len(job.members)), self.cfg.chunk_size):
+        keep = sum(len(other.members) for other in generation.jobs) <= self.cfg.chunk_size
+        for chunk in self._row_chunks(len(job.members), keep):
             if wanted.isdisjoint(chunk):
                 continue
             a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
@@ -641,6 +681,61 @@ class Hypernetwork:
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = state.get("steps", 0)
         self.random_sources = copy.deepcopy(state.get("random_sources", {}))
+
+
+def _row_gradients(
+    outputs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rows: Sequence[int],
+    params: list[torch.nn.Parameter],
+    used: set[int],
+) -> list[torch.Tensor]:
+    """The adapter's gradient from each of ``rows`` alone: ``outputs`` ``(A', B')`` of ``N``
+    rows with ``grads`` ``(G_A, G_B)`` of the same shapes -> one flat ``(P,)`` vector per row
+    (the graph is kept for the next row); the indices of the parameters reached go to
+    ``used``."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    out = []
+    for i in rows:
+        masked = []
+        for _, g in pairs:
+            only = torch.zeros_like(g)
+            only[i] = g[i]
+            masked.append(only)
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], params, masked, retain_graph=True, allow_unused=True
+        )
+        used.update(k for k, f in enumerate(found) if f is not None)
+        out.append(
+            torch.cat(
+                [
+                    (f if f is not None else torch.zeros_like(p)).reshape(-1)
+                    for f, p in zip(found, params, strict=True)
+                ]
+            )
+        )
+    return out
+
+
+def _robust(units: torch.Tensor, how: str, trim: float) -> torch.Tensor:
+    """``(U, P)`` per-row gradients -> ``(P,)``: their coordinate-wise median or trimmed
+    mean, times ``U`` (the scale of their sum)."""
+    if how == "median":
+        middle = units.median(dim=0).values
+    else:
+        cut = int(trim * len(units))
+        middle = units.sort(dim=0).values[cut : len(units) - cut].mean(dim=0)
+    return middle * len(units)
+
+
+def _set_gradient(params: list[torch.nn.Parameter], flat: torch.Tensor, used: set[int]) -> None:
+    """Write ``flat`` ``(P,)`` into the ``.grad`` of ``params`` (in order) that a row
+    reached (``used``); the others keep none, as after a plain backward pass."""
+    offset = 0
+    for k, p in enumerate(params):
+        if k in used:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

@@ -184,7 +184,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             mc.MERGENET_SECONDS: overhead,
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
         }
-        return mc.answer(
+        reply = mc.answer(
             msg,
             work.model,
             work.layers,
@@ -193,6 +193,11 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             records=records,
             manifest=extension.manifest,
         )
+        attack = cfg.client(partition_id)[0].attack
+        if attack is not None:  # the robustness study's poisoning client
+            limit = float(cfg.strategy.get("max_factor_norm", 1e4))
+            reply = attack.apply(reply, limit, seed=cfg.seed * 100_003 + server_round)
+        return reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -49,6 +49,7 @@ from mergenet_fl.flower.extension import (
 from mergenet_fl.flower.fedproto import MEANS
 from mergenet_fl.flower.protocol import SHARE_MODES
 from simulations import custom
+from simulations.attacks import Attack
 from simulations.models import ARCHITECTURES, ArchSpec, build_model, custom_arch
 from simulations.numerics import PRECISIONS, Numerics
 from simulations.tasks import TrainConfig, get_task, resolve_device
@@ -108,6 +109,7 @@ class ClientGroup:
     # federation's partition splits the rest (a data-rich hub among label-skewed clients)
     pretrain_epochs: int = 0  # epochs on its own rows before round 1 (cached on disk)
     frozen: bool = False  # never trains in a round (a pre-trained source: with send_only)
+    attack: Attack | None = None  # poisons its train replies (the robustness study)
 
     @property
     def arch_spec(self) -> ArchSpec:
@@ -229,6 +231,8 @@ class ExperimentConfig:
             group_targets=group_targets,
             device=str(resolve_device(self.device)),
             source=s.get("source", HypernetConfig.source),
+            combine=s.get("combine", HypernetConfig.combine),
+            trim=float(s.get("trim", HypernetConfig.trim)),
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
@@ -241,6 +245,8 @@ class ExperimentConfig:
             node_wait=self.node_wait,
             seed=self.seed,
             on_round=on_round,
+            average=self.strategy.get("average", "mean"),
+            trim=float(self.strategy.get("trim", 0.2)),
         )
         name = self.strategy["name"]
         if name == "local":
@@ -279,6 +285,7 @@ class ExperimentConfig:
             max_packet_values=self.strategy.get("max_packet_values", 50_000_000),
             max_factor_norm=self.strategy.get("max_factor_norm", 1e4),
             clip_pieces=self.strategy.get("clip_pieces", 100.0),
+            screen=self.strategy.get("screen"),
             **common,
         )
 
@@ -368,6 +375,12 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         problems.append(f"{where}.frozen must be true or false, got {c['frozen']!r}")
     if c.get("partition") not in (None, "iid"):
         problems.append(f"{where}.partition must be iid or absent, got {c['partition']!r}")
+    attack = None
+    if c.get("attack") is not None:
+        try:
+            attack = Attack(**dict(c["attack"]))
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where}.attack: {exc}")
     return ClientGroup(
         group=str(c["group"]),
         arch=custom.label(model) if model else str(c["arch"]),
@@ -385,6 +398,7 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         partition=c.get("partition"),
         pretrain_epochs=pretrain if isinstance(pretrain, int) else 0,
         frozen=c.get("frozen") is True,
+        attack=attack,
     )
 
 

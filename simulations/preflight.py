@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from mergenet_fl import AdapterConfig, as_spec, select_layers
+from mergenet_fl.robust import combine
 from simulations import custom
 from simulations import data as D
 from simulations.config import ClientGroup, ConfigError, ExperimentConfig
@@ -54,11 +56,29 @@ def problems(cfg: ExperimentConfig) -> list[str]:
             cfg.hypernet()
         except (TypeError, ValueError) as exc:
             found.append(f"strategy: {exc}")
+    found += _defence_problems(cfg.strategy)
     if cfg.resume and not (Path(cfg.resume).expanduser() / "server.ckpt").is_file():
         found.append(
             f"resume={cfg.resume!r}: no checkpoint (server.ckpt) there; resume takes the folder "
             "of a run started with checkpoint=true"
         )
+    return found
+
+
+def _defence_problems(strategy: dict) -> list[str]:
+    """A robust group average or a screening factor that the strategy would refuse."""
+    found = []
+    try:
+        combine(
+            [np.zeros(1)], [1.0], strategy.get("average", "mean"), float(strategy.get("trim", 0.2))
+        )
+    except (TypeError, ValueError) as exc:
+        found.append(f"strategy.average / strategy.trim: {exc}")
+    screen = strategy.get("screen")
+    if screen is not None and (
+        isinstance(screen, bool) or not isinstance(screen, (int, float)) or screen < 1
+    ):
+        found.append(f"strategy.screen must be a number >= 1 or null, got {screen!r}")
     return found
 
 

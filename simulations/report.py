@@ -87,6 +87,7 @@ class Run:
     pooled: dict[int, float] = field(default_factory=dict)  # round -> pooled accuracy
     pooled_validation: dict[int, float] = field(default_factory=dict)  # on validation rows
     steps_per_client: float = 0.0  # local SGD steps of a client over the run, mean
+    hubs: tuple[str, ...] = ()  # groups with more data than the others, or send-only
     path: Path = field(repr=False, default=Path())
 
     def pooled_at(self, choice: str) -> float:
@@ -195,7 +196,19 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         pooled=pooled_curve(lines),
         pooled_validation=pooled_curve(lines, "val_accuracy", "val_num_examples"),
         steps_per_client=statistics.mean(steps.values()) if steps else 0.0,
+        hubs=hub_groups(cfg["federation"]),
         path=path,
+    )
+
+
+def hub_groups(federation: dict) -> tuple[str, ...]:
+    """The groups that are a hub: send-only, or with more training examples per client than
+    the federation's ``examples_per_client`` (``federation=hub``, ``hub_frozen``)."""
+    default = federation.get("examples_per_client")
+    return tuple(
+        c["group"]
+        for c in federation["clients"]
+        if c.get("send_only") or (default and c.get("examples", default) > default)
     )
 
 
@@ -442,6 +455,9 @@ def targets_section(runs: list[Run]) -> list[str]:
     with_reference = [t for t in tables if LOCAL in t.by_method and reference_methods(t)[0]]
     if with_reference:
         return reference_targets(with_reference[0], runs)
+    with_hub = [t for t in tables if LOCAL in t.by_method and _hubs(t)]
+    if with_hub:
+        return hub_targets(with_hub[0], runs)
     pairs = [
         t
         for t in tables
@@ -820,10 +836,10 @@ def _difference(t: Table, method: str, base: str, group: str) -> tuple[str, bool
 
 
 def reference_targets(t: Table, runs: list[Run]) -> list[str]:
-    """Study ``reference``'s targets: on each group that receives (a transfer effect was
-    measured), the real source against LocalOnly and against the random source."""
+    """Study ``reference``'s targets: on each group that receives (all but the send-only
+    source), the real source against LocalOnly and against the random source."""
     real, random = reference_methods(t)
-    targets = [g for g in t.groups if any(g in r.transfer_effect for r in t.by_method[real])]
+    targets = [g for g in t.groups if g not in _hubs(t)]
     rows = []
     for g in targets:
         text, met = _difference(t, real, LOCAL, g)
@@ -848,6 +864,94 @@ def reference_targets(t: Table, runs: list[Run]) -> list[str]:
     )
     out = [
         f"## Targets ({' + '.join(t.groups)})",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+
+
+def _hubs(t: Table) -> tuple[str, ...]:
+    return next(iter(next(iter(t.by_method.values())))).hubs
+
+
+def hub_targets(t: Table, runs: list[Run]) -> list[str]:
+    """Study ``hub``'s targets, on the data-poor clients only (every group but the hub's):
+    each score is their groups' mean (equal client counts: the pooled score), per seed."""
+    poor = [g for g in t.groups if g not in _hubs(t)]
+
+    def pooled(metric: str) -> Callable[[Run], float]:
+        return lambda r: statistics.mean(r.final[g][metric] for g in poor)
+
+    def diff(method: str, base: str) -> tuple[float, float, int] | None:
+        return paired_by(t.by_method[method], t.by_method[base], pooled("accuracy"))
+
+    def text(d: tuple[float, float, int] | None) -> str:
+        if d is None:
+            return "n/a"
+        return (
+            f"{100 * d[0]:+.1f} points [{100 * (d[0] - d[1]):+.1f}, {100 * (d[0] + d[1]):+.1f}] "
+            f"(95 %, {d[2]} seeds)"
+        )
+
+    def mean(method: str, metric: str = "accuracy") -> float:
+        return statistics.mean(pooled(metric)(r) for r in t.by_method[method])
+
+    real = next((m for m in t.by_method if m.startswith("MergeNet") and "source" not in m), None)
+    random = next(
+        (m for m in t.by_method if m.startswith("MergeNet") and "source random" in m), None
+    )
+    field = [m for m in t.by_method if m in FIELD.values()]
+    rows = []
+    moving = [m for m in field if (d := diff(m, LOCAL)) is not None and d[0] - d[1] > 0]
+    rows.append(
+        (
+            "a field method clears LocalOnly (interval above 0): the control works",
+            ", ".join(f"{m} {text(diff(m, LOCAL))}" for m in moving) or "none",
+            _yes(bool(moving)),
+        )
+    )
+    if real is not None:
+        d = diff(real, LOCAL)
+        rows.append(
+            (f"{real} ≥ LocalOnly + 3 points", text(d), _yes(d is not None and d[0] >= 0.03))
+        )
+        if field:
+            best = max(field, key=mean)
+            gap = mean(real) - mean(best)
+            rows.append(
+                (
+                    f"{real} within 1 point of the best field method ({best}) or above",
+                    f"{100 * gap:+.1f} points",
+                    _yes(gap >= -0.01),
+                )
+            )
+        if random is not None:
+            d = diff(real, random)
+            rows.append(
+                (
+                    "real source ≥ random source + 2 points",
+                    text(d),
+                    _yes(d is not None and d[0] >= 0.02),
+                )
+            )
+    for m in t.by_method:
+        on_global = (
+            f", global test {100 * mean(m, 'global_accuracy'):.1f} %"
+            if all("global_accuracy" in r.final[g] for r in t.by_method[m] for g in poor)
+            else ""
+        )
+        rows.append((f"{m}: data-poor clients", f"{100 * mean(m):.1f} %{on_global}", "–"))
+    for hub in _hubs(t):
+        rows.append((f"the hub ({hub}), apart", f"{100 * t.score(LOCAL, hub)[0]:.1f} %", "–"))
+    minutes = study_seconds(runs) / 60
+    rows.append(
+        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
+    )
+    out = [
+        f"## Targets (data-poor clients: {' + '.join(poor)}; chance "
+        + ", ".join(f"{g} {100 * c:.1f} %" for g in poor if (c := t.chance(g)) is not None)
+        + ")",
         "",
         "| target | measured | met |",
         "|---|---|---|",

@@ -559,20 +559,20 @@ def test_without_sources_a_target_attends_to_its_own_factors_only():
         HypernetConfig(source="mine")
 
 
-def test_a_round_larger_than_a_chunk_measures_the_first_chunk_of_each_job():
+def test_a_round_larger_than_a_chunk_measures_a_sample_of_each_job():
     bank = KnowledgeBank()
     for i in range(7):  # one job: seven targets of one group, one layer, one source set
         bank.put(f"c{i}", packet({"fc": (10, 32)}, i), group="g", round=1)
     bank.put("other", packet({"w": (12, 20)}, 9), group="h", round=1)
     targets = [f"c{i}" for i in range(7)]
     whole = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=8))
-    sampled = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=3))
+    sampled = Hypernetwork(HypernetConfig(adapter=SMALL, chunk_size=3, diagnostic_rows=2))
     steps_towards(whole, bank, {c: {"fc": torch.ones(10, 32)} for c in targets}, steps=1)
     sampled.load_state_dict(whole.state_dict())
     _, all_rows = whole.generate(bank, targets, round=2)
     _, first_chunks = sampled.generate(bank, targets, round=2)
     full, sample = all_rows.diagnostics, first_chunks.diagnostics
-    assert len(full) == 7 and sorted(sample) == targets[:3]  # each job's first chunk
+    assert len(full) == 7 and sorted(sample) == targets[:2]  # each job's first targets
     for cid in sample:
         assert sample[cid]["fc"]["transfer_effect"] == pytest.approx(
             full[cid]["fc"]["transfer_effect"], rel=1e-4

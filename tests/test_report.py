@@ -22,12 +22,14 @@ def fake_run(
     qa=None,
     chance=None,
     on_global=None,
+    hub=None,
     **top,
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
     (f1, em)) with the given accuracy per round and, if given, ``r8``'s chance level and its
     (accuracy, chance) on the global test (``on_global``, every round); ``top`` sets top-level
-    config keys, and ``lr`` and ``optimizer`` the strategy's."""
+    config keys, and ``lr``, ``optimizer`` and ``source`` the strategy's; ``hub``: the final
+    accuracy of a send-only group ``hub`` beside them (every round)."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -49,6 +51,17 @@ def fake_run(
                 "layers": ["qa_outputs"],
             }
         )
+    if hub is not None:
+        clients.append(
+            {
+                "group": "hub",
+                "task": "image_classification",
+                "arch": "resnet8_f512",
+                "dataset": "cifar10",
+                "layers": ["fc"],
+                "send_only": True,
+            }
+        )
     cfg = {
         "seed": seed,
         "transfer_every": 1,
@@ -58,6 +71,7 @@ def fake_run(
             "share": share,
             "lr": top.pop("lr", 0.00001),
             "optimizer": top.pop("optimizer", "adam"),
+            "source": top.pop("source", "real"),
         },
         "adapter": {"variant": variant},
         "federation": {
@@ -99,6 +113,17 @@ def fake_run(
                         if on_global is None
                         else {"global_accuracy": on_global[0], "global_chance": on_global[1]}
                     ),
+                }
+            )
+        if hub is not None:
+            lines.append(
+                {
+                    "round": rnd,
+                    "stage": "evaluate",
+                    "client": "h",
+                    "group": "hub",
+                    "num-examples": 10,
+                    "accuracy": hub,
                 }
             )
         if qa:
@@ -487,3 +512,83 @@ def test_report_figures_show_plain_numbers(tmp_path, monkeypatch):
         for axis in (fig.axes[0].xaxis, fig.axes[0].yaxis)
     }
     assert set(offsets.values()) == {""}, offsets
+
+
+def test_reference_study_pairs_the_real_source_with_local_and_the_random_source(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # final accuracy of the receiving group r8 per seed
+        ("local", "real"): (0.50, 0.52, 0.48),
+        ("mergenet", "real"): (0.52, 0.55, 0.52),  # +2, +3, +4 over LocalOnly
+        ("mergenet", "random"): (0.52, 0.53, 0.51),  # real − random: 0, +2, +1
+    }
+    for (strategy, source), scores in finals.items():
+        for seed, final in enumerate(scores):
+            name = f"{strategy}-{source}-{seed}"
+            fake_run(
+                study,
+                name,
+                strategy,
+                seed,
+                [0.1, final],
+                variant="reference",
+                source=source,
+                share="none",
+                hub=0.6,
+                chance=0.1,
+            )
+    text = report_text(study, tmp_path / "results-reference.md")
+    assert (
+        "| real source ≥ LocalOnly + 1 point: r8 | +3.0 points [+0.5, +5.5] (95 %, 3 seeds) "
+        "| yes |" in text
+    )
+    # real − random: 0, 2, 1: mean 1, std 1, half-width 2.48
+    assert (
+        "| real source ≥ random source + 1 point: r8 | +1.0 points [-1.5, +3.5] (95 %, 3 seeds) "
+        "| yes |" in text
+    )
+    assert "real source ≥ LocalOnly + 1 point: hub" not in text  # the send-only source
+
+
+def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # the data-poor group's final accuracy per seed
+        ("local", "real"): (0.30, 0.32, 0.28),
+        ("fd", "real"): (0.34, 0.36, 0.33),  # +4, +4, +5: clears LocalOnly
+        ("fedproto", "real"): (0.30, 0.33, 0.27),  # -0, +1, -1: does not
+        ("mergenet", "real"): (0.31, 0.34, 0.30),  # +1, +2, +2
+        ("mergenet", "random"): (0.31, 0.32, 0.29),
+    }
+    for (strategy, source), scores in finals.items():
+        for seed, final in enumerate(scores):
+            fake_run(
+                study,
+                f"{strategy}-{source}-{seed}",
+                strategy,
+                seed,
+                [0.1, final],
+                source=source,
+                share="none",
+                hub=0.7,
+                chance=0.2,
+                on_global=(final - 0.1, 0.1),
+                eval_split="local",
+                num_rounds=2,
+                batch_size=10,
+            )
+    text = report_text(study, tmp_path / "results-hub.md")
+    assert "## Targets (data-poor clients: r8; chance r8 20.0 %)" in text
+    assert (
+        "| a field method clears LocalOnly (interval above 0): the control works | FD +4.3" in text
+    )
+    assert "FedProto" not in text.split("the control works |")[1].split("|")[0]
+    assert (
+        "| MergeNet (lpka, transfer only) ≥ LocalOnly + 3 points | +1.7 points" in text
+        and "(95 %, 3 seeds) | **no** |" in text
+    )
+    # best field method FD 34.3, MergeNet 31.7: 2.7 points below
+    assert (
+        "| MergeNet (lpka, transfer only) within 1 point of the best field method (FD) or above "
+        "| -2.7 points | **no** |" in text
+    )
+    assert "| LocalOnly: data-poor clients | 30.0 %, global test 20.0 % | – |" in text
+    assert "| the hub (hub), apart | 70.0 % | – |" in text

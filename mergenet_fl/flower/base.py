@@ -28,6 +28,7 @@ from mergenet_fl.flower import protocol as p
 from mergenet_fl.flower.checkpoint import set_rng_state
 from mergenet_fl.flower.logs import show_in_flower_log
 from mergenet_fl.flower.polling import PromptGrid
+from mergenet_fl.robust import combine
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,10 @@ class PeerStrategy(Strategy):
     seed:
         Seeds client sampling (with the round), so that strategies compared on one seed train
         and evaluate the same clients in every round.
+    average, trim:
+        How a group's shared parameters are combined: ``mean`` (FedAvg, weighted by
+        examples), or per coordinate ``median`` or ``trimmed`` (``trim`` of the members
+        dropped at each end), which a minority of attackers cannot steer.
     """
 
     def __init__(
@@ -97,9 +102,12 @@ class PeerStrategy(Strategy):
         on_round: RoundSink | None = None,
         on_round_end: Callable[[PeerStrategy, int], None] | None = None,
         seed: int = 0,
+        average: str = "mean",
+        trim: float = 0.2,
     ) -> None:
         if share not in p.SHARE_MODES:
             raise ValueError(f"share={share!r}; choose one of {p.SHARE_MODES}")
+        combine([np.zeros(1)], [1.0], average, trim)  # checks both, naming the problem
         for name, value in (
             ("fraction_train", fraction_train),
             ("fraction_evaluate", fraction_evaluate),
@@ -132,6 +140,7 @@ class PeerStrategy(Strategy):
         self.on_round = on_round
         self.on_round_end = on_round_end
         self.seed = seed
+        self.average, self.trim = average, trim
         self.round_offset = 0  # rounds completed before a resume
         self._quorum = False  # min_available_nodes were connected once
         self._absent: list[str] = []  # known clients that are no longer connected
@@ -568,25 +577,17 @@ class PeerStrategy(Strategy):
         return shared
 
     def _average_groups(self, replies: list[ClientReply]) -> None:
-        """FedAvg inside each architecture group, weighted by examples."""
+        """FedAvg inside each architecture group, weighted by examples; or, with ``average``
+        ``median`` or ``trimmed``, a coordinate-wise robust average (unweighted) that a
+        minority of the group cannot steer (:func:`mergenet_fl.robust.combine`)."""
         by_group: dict[str, list[ClientReply]] = {}
         for reply in replies:
             if reply.shared:
                 by_group.setdefault(reply.identity.group, []).append(reply)
         for group, members in by_group.items():
-            weights = np.array(
-                [max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members], dtype=np.float64
-            )
-            weights = (
-                weights / weights.sum()
-                if weights.sum() > 0
-                else np.full(len(members), 1 / len(members))
-            )
+            weights = [max(r.metrics[p.NUM_EXAMPLES], 0.0) for r in members]
             self.group_arrays[group] = {
-                key: sum(
-                    w * r.shared[key].astype(np.float64)
-                    for w, r in zip(weights, members, strict=True)
-                ).astype(members[0].shared[key].dtype)
+                key: combine([r.shared[key] for r in members], weights, self.average, self.trim)
                 for key in members[0].shared
             }
 

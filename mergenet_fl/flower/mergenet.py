@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord
 
 from mergenet_fl import (
@@ -26,8 +27,14 @@ from mergenet_fl import (
 )
 from mergenet_fl.flower import protocol as p
 from mergenet_fl.flower.base import ClientReply, PeerStrategy
+from mergenet_fl.lowrank import product_norm
+from mergenet_fl.robust import above_median, against_median
 
 log = logging.getLogger(__name__)
+
+
+def _norm(tensors) -> float:
+    return sum(float(t.double().pow(2).sum()) for t in tensors) ** 0.5
 
 
 class MergeNet(PeerStrategy):
@@ -49,6 +56,13 @@ class MergeNet(PeerStrategy):
         an attack or a diverged model, and would poison its group's summary).
     clip_pieces:
         A client's gradient pieces are scaled down to at most this total norm (``None``: off).
+    screen:
+        Screening against the others of a round (``None``: off). A packet is not stored when
+        a layer's weight norm exceeds ``screen`` times the median of its group's (the bank's
+        and this round's packets), or points away from the coordinate-wise median of the
+        others' weights (cosine below −0.5; at most 16 others); a client's gradient
+        pieces are scaled down to ``screen`` times the round's median norm. Each needs 3
+        clients to compare.
     **kwargs:
         :class:`~mergenet_fl.flower.base.PeerStrategy` options (``share``, sampling, ``on_round``).
     """
@@ -62,6 +76,7 @@ class MergeNet(PeerStrategy):
         max_packet_age: int | None = None,
         max_factor_norm: float = 1e4,
         clip_pieces: float | None = 100.0,
+        screen: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -69,6 +84,8 @@ class MergeNet(PeerStrategy):
             raise ValueError(f"max_factor_norm must be > 0, got {max_factor_norm}")
         if clip_pieces is not None and not clip_pieces > 0:
             raise ValueError(f"clip_pieces must be > 0 or None, got {clip_pieces}")
+        if screen is not None and not screen >= 1:
+            raise ValueError(f"screen must be >= 1 or None, got {screen}")
         if transfer_every < 1:
             raise ValueError(f"transfer_every must be >= 1, got {transfer_every}")
         if max_packet_age is not None and max_packet_age < 0:
@@ -81,6 +98,7 @@ class MergeNet(PeerStrategy):
         self.max_packet_age = max_packet_age
         self.max_factor_norm = max_factor_norm
         self.clip_pieces = clip_pieces
+        self.screen = screen
         self.bank = KnowledgeBank()
         self.generation: Generation | None = None
 
@@ -181,7 +199,7 @@ class MergeNet(PeerStrategy):
 
     def _clip(self, client_id: str, pieces: dict) -> dict:
         """Scale a client's pieces down to a total norm of at most ``clip_pieces``."""
-        norm = sum(float(t.double().pow(2).sum()) for pair in pieces.values() for t in pair) ** 0.5
+        norm = _norm(t for pair in pieces.values() for t in pair)
         if self.clip_pieces is None or norm <= self.clip_pieces:
             return pieces
         log.info("client %r: gradient pieces of norm %.3g clipped", client_id, norm)
@@ -203,6 +221,8 @@ class MergeNet(PeerStrategy):
                 len(effects),
             )
         pieces = {r.identity.client_id: r.extras["pieces"] for r in replies if "pieces" in r.extras}
+        if self.screen is not None and pieces:
+            pieces, stats["screened_pieces"] = self._screen_pieces(pieces)
         if self.generation is not None and pieces:
             stats.update(self.hypernet.update(self.generation, pieces))
             log.info(
@@ -211,9 +231,21 @@ class MergeNet(PeerStrategy):
                 len(pieces),
                 stats["grad_norm"],
             )
+        arrived = {r.identity.client_id: r for r in replies if "packet" in r.extras}
         for reply in replies:
             if "packet" not in reply.extras:
                 continue
+            if self.screen is not None:
+                reason = self._screened(reply, arrived)
+                if reason is not None:
+                    log.warning(
+                        "round %d: packet of %r screened out: %s",
+                        server_round,
+                        reply.identity.client_id,
+                        reason,
+                    )
+                    stats.setdefault("screened_packets", []).append(reply.identity.client_id)
+                    continue
             try:  # two new members of one group may disagree within the same round
                 self.bank.put(
                     reply.identity.client_id,
@@ -233,6 +265,44 @@ class MergeNet(PeerStrategy):
             self.bank.forget_older_than(server_round, self.max_packet_age)
         self.generation = None
         return {**stats, "bank": len(self.bank), "transfer": self.is_transfer_round(server_round)}
+
+    def _screen_pieces(self, pieces: dict) -> tuple[dict, list[str]]:
+        """Each client's pieces scaled down to ``screen`` times the round's median norm; the
+        ids of those scaled."""
+        ids = sorted(pieces)
+        norms = [_norm(t for pair in pieces[c].values() for t in pair) for c in ids]
+        flagged = above_median(norms, self.screen)
+        limit = self.screen * float(np.median(norms))
+        out = dict(pieces)
+        for cid, norm, flag in zip(ids, norms, flagged, strict=True):
+            if flag:
+                out[cid] = {
+                    k: (ga * limit / norm, gb * limit / norm) for k, (ga, gb) in pieces[cid].items()
+                }
+        return out, [c for c, f in zip(ids, flagged, strict=True) if f]
+
+    def _screened(self, reply: ClientReply, arrived: dict[str, ClientReply]) -> str | None:
+        """Why ``reply``'s packet is screened out against its group's (None: it is not)."""
+        cid, group = reply.identity.client_id, reply.identity.group
+        latest = {c: self.bank.get(c).packet for c in self.bank if self.bank.get(c).group == group}
+        latest |= {c: r.extras["packet"] for c, r in arrived.items() if r.identity.group == group}
+        others = [latest[c] for c in sorted(latest, reverse=True) if c != cid][:16]
+        packet = reply.extras["packet"]
+        for layer, lf in packet.layers.items():
+            peers = [o.layers[layer] for o in others if layer in o.layers]
+            norms = [float(product_norm(lf.a, lf.b))] + [
+                float(product_norm(o.a, o.b)) for o in peers
+            ]
+            if above_median(norms, self.screen)[0]:
+                return (
+                    f"layer {layer!r}: norm {norms[0]:.3g} above {self.screen:g} x the group's "
+                    f"median {float(np.median(norms)):.3g}"
+                )
+            rows = [(lf.a @ lf.b).numpy()] + [(o.a @ o.b).numpy() for o in peers]
+            cosine = against_median(rows)[0]
+            if cosine < -0.5:  # unrelated weights (other inits) sit near 0: not an attack
+                return f"layer {layer!r}: points away from the group's median (cosine {cosine:.2f})"
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {
