@@ -774,16 +774,8 @@ def paper_targets(t: Table, runs: list[Run]) -> list[str]:
     rows = []
     for g in t.groups:
         diff = paired(t.by_method[lpka], t.by_method[LOCAL], g)
-        measured = (
-            "n/a"
-            if diff is None
-            else (
-                f"{100 * diff[0]:+.1f} points [{100 * (diff[0] - diff[1]):+.1f}, "
-                f"{100 * (diff[0] + diff[1]):+.1f}] (95 %, {diff[2]} seeds)"
-            )
-        )
         met = diff is not None and diff[0] >= 0.01
-        rows.append((f"{lpka} ≥ LocalOnly + 1 point: {g}", measured, _yes(met)))
+        rows.append((f"{lpka} ≥ LocalOnly + 1 point: {g}", _interval(diff), _yes(met)))
     rows.append(
         (
             "ablation order lpka ≥ avg ≥ rows > mlp (mean score over both models)",
@@ -799,17 +791,7 @@ def paper_targets(t: Table, runs: list[Run]) -> list[str]:
             _yes(low >= 0.45),
         )
     )
-    minutes = study_seconds(runs) / 60
-    rows.append(
-        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
-    )
-    out = [
-        f"## Targets ({' + '.join(t.groups)})",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    return _targets_table(f"## Targets ({' + '.join(t.groups)})", rows, runs)
 
 
 def reference_methods(t: Table) -> tuple[str | None, str | None]:
@@ -825,14 +807,7 @@ def _difference(t: Table, method: str, base: str, group: str) -> tuple[str, bool
     """``method − base`` on ``group``, paired by seed, with its 95 % interval; and whether
     its mean reaches +1 point."""
     diff = paired(t.by_method[method], t.by_method[base], group)
-    if diff is None:
-        return "n/a", False
-    mean, half, n = diff
-    text = (
-        f"{100 * mean:+.1f} points [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
-        f"(95 %, {n} seeds)"
-    )
-    return text, mean >= 0.01
+    return _interval(diff), diff is not None and diff[0] >= 0.01
 
 
 def reference_targets(t: Table, runs: list[Run]) -> list[str]:
@@ -858,17 +833,7 @@ def reference_targets(t: Table, runs: list[Run]) -> list[str]:
         rows.append(
             (f"LocalOnly above chance: {g}", f"{100 * mean:.1f} ± {100 * std:.1f} %{above}", "–")
         )
-    minutes = study_seconds(runs) / 60
-    rows.append(
-        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
-    )
-    out = [
-        f"## Targets ({' + '.join(t.groups)})",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    return _targets_table(f"## Targets ({' + '.join(t.groups)})", rows, runs)
 
 
 def _hubs(t: Table) -> tuple[str, ...]:
@@ -886,14 +851,6 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
     def diff(method: str, base: str) -> tuple[float, float, int] | None:
         return paired_by(t.by_method[method], t.by_method[base], pooled("accuracy"))
 
-    def text(d: tuple[float, float, int] | None) -> str:
-        if d is None:
-            return "n/a"
-        return (
-            f"{100 * d[0]:+.1f} points [{100 * (d[0] - d[1]):+.1f}, {100 * (d[0] + d[1]):+.1f}] "
-            f"(95 %, {d[2]} seeds)"
-        )
-
     def mean(method: str, metric: str = "accuracy") -> float:
         return statistics.mean(pooled(metric)(r) for r in t.by_method[method])
 
@@ -907,14 +864,14 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
     rows.append(
         (
             "a field method clears LocalOnly (interval above 0): the control works",
-            ", ".join(f"{m} {text(diff(m, LOCAL))}" for m in moving) or "none",
+            ", ".join(f"{m} {_interval(diff(m, LOCAL))}" for m in moving) or "none",
             _yes(bool(moving)),
         )
     )
     if real is not None:
         d = diff(real, LOCAL)
         rows.append(
-            (f"{real} ≥ LocalOnly + 3 points", text(d), _yes(d is not None and d[0] >= 0.03))
+            (f"{real} ≥ LocalOnly + 3 points", _interval(d), _yes(d is not None and d[0] >= 0.03))
         )
         if field:
             best = max(field, key=mean)
@@ -931,7 +888,7 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
             rows.append(
                 (
                     "real source ≥ random source + 2 points",
-                    text(d),
+                    _interval(d),
                     _yes(d is not None and d[0] >= 0.02),
                 )
             )
@@ -944,19 +901,31 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
         rows.append((f"{m}: data-poor clients", f"{100 * mean(m):.1f} %{on_global}", "–"))
     for hub in _hubs(t):
         rows.append((f"the hub ({hub}), apart", f"{100 * t.score(LOCAL, hub)[0]:.1f} %", "–"))
+    chances = ", ".join(f"{g} {100 * c:.1f} %" for g in poor if (c := t.chance(g)) is not None)
+    title = f"## Targets (data-poor clients: {' + '.join(poor)}; chance {chances})"
+    return _targets_table(title, rows, runs)
+
+
+def _targets_table(title: str, rows: list[tuple[str, str, str]], runs: list[Run]) -> list[str]:
+    """A targets section: ``rows`` of (target, measured, met) and the study's wall time."""
     minutes = study_seconds(runs) / 60
-    rows.append(
-        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90))
-    )
-    out = [
-        f"## Targets (data-poor clients: {' + '.join(poor)}; chance "
-        + ", ".join(f"{g} {100 * c:.1f} %" for g in poor if (c := t.chance(g)) is not None)
-        + ")",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
+    rows = [
+        *rows,
+        ("the whole study under 90 minutes on 2 cores", f"{minutes:.0f} min", _yes(minutes < 90)),
     ]
+    out = [title, "", "| target | measured | met |", "|---|---|---|"]
     return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+
+
+def _interval(diff: tuple[float, float, int] | None) -> str:
+    """A paired difference (:func:`paired`) as points with its 95 % interval."""
+    if diff is None:
+        return "n/a"
+    mean, half, n = diff
+    return (
+        f"{100 * mean:+.1f} points [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}] "
+        f"(95 %, {n} seeds)"
+    )
 
 
 def _yes(ok: bool) -> str:
