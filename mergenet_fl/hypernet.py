@@ -404,9 +404,9 @@ class Hypernetwork:
 
     @contextmanager
     def _replayable(self, round: int, job: int, first_row: int) -> Iterator[None]:
-        """A pass of a stochastic adapter (dropout) draws from a stream seeded by
-        ``(adapter seed, round, job, first row)``: running it again gives the same output."""
-        if not getattr(self.adapter, "stochastic", False):
+        """A pass of the reference adapter (dropout) draws from a stream seeded by
+        ``(adapter seed, round, job, first row)``: running it again draws the same masks."""
+        if not self.full:
             yield
             return
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -647,7 +647,7 @@ class Hypernetwork:
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """``(chunk, A', B')`` with their graph for job ``j`` of ``generation``, a new pass
         per chunk of :meth:`generate` that holds one of ``rows`` (the same chunks, so that a
-        stochastic adapter replays its stream; lazily: one chunk's graph at a time)."""
+        reference adapter replays its dropout; lazily: one chunk's graph at a time)."""
         job = generation.jobs[j]
         sources = job.sources.to(self.device)
         wanted = set(rows)

@@ -108,8 +108,6 @@ class ReferenceAdapter(nn.Module):
     created for every (target shape, source shape) pair registered
     (:meth:`register_shapes`), deterministically seeded by their name."""
 
-    stochastic = True  # dropout in the generating pass: replays need the same random stream
-
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
         if not cfg.full:
@@ -154,7 +152,6 @@ class ReferenceAdapter(nn.Module):
                         f"{i}.ffn.{n}", FeedForward, n, self.cfg.ffn_dropout
                     )
                     new += list(self.ffn[i][str(n)].parameters())
-        self.train()  # new modules join in the adapter's mode: it generates in train mode
         return new
 
     def _seeded(self, path: str, module: type[nn.Module], *args: object) -> nn.Module:

@@ -1,6 +1,5 @@
 """``adapter=reference``: the reference code's adapter on whole weights, in the federation."""
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -232,4 +231,3 @@ def test_preflight_refuses_a_layer_too_large_to_travel_whole():
         )
         if "max_rows" in f
     ]
-    assert np.isfinite(cfg.hypernet().lr)
