@@ -9,8 +9,10 @@ Kinds (``factor`` in brackets):
 - ``random_packet``: every packet array replaced by Gaussian noise of its shape and norm;
 - ``flip_pieces``: its gradient pieces times ``−factor`` (1: a sign flip);
 - ``scale_pieces``: its gradient pieces times ``factor``;
-- ``replace_model``: the parameters it shares with its group (``share=all``) replaced by
-  Gaussian noise of ``factor`` times their norm (model replacement).
+- ``replace_model``: what it uploads to be averaged replaced by Gaussian noise of ``factor``
+  times its norm (model replacement): the parameters it shares with its group (``share=all``,
+  GroupFedAvg), LG-FedAvg's head, FML's and FedKD's shared model, and the per-class means of
+  FedProto, FedTGP, FedGH (prototypes) and FD (logits), whose counts stay as they were.
 
 A client that claims another's identity is refused by the strategy's identity checks
 (``tests/test_hostile.py``), so it is not a kind here.
@@ -47,17 +49,30 @@ class Attack:
         """``reply`` (a train reply, changed in place) poisoned; replies without the record
         the kind rewrites pass unchanged."""
         rng = np.random.default_rng(seed)
-        rewrite: dict[str, tuple[str, Callable[[dict], dict]]] = {
-            "scale_packet": (p.PACKET, lambda a: _to_limit(a, max_factor_norm)),
-            "random_packet": (p.PACKET, lambda a: _noise(a, rng, 1.0)),
-            "flip_pieces": (p.PIECES, lambda a: {k: -self.factor * v for k, v in a.items()}),
-            "scale_pieces": (p.PIECES, lambda a: {k: self.factor * v for k, v in a.items()}),
-            "replace_model": (p.SHARED, lambda a: _noise(a, rng, self.factor)),
+
+        def replace(arrays: dict) -> dict:
+            return _noise(arrays, rng, self.factor)
+
+        def means(arrays: dict) -> dict:  # per-class means: their counts stay
+            return arrays | _noise({"means": arrays["means"]}, rng, self.factor)
+
+        rewrite: dict[str, dict[str, Callable[[dict], dict]]] = {
+            "scale_packet": {p.PACKET: lambda a: _to_limit(a, max_factor_norm)},
+            "random_packet": {p.PACKET: lambda a: _noise(a, rng, 1.0)},
+            "flip_pieces": {p.PIECES: lambda a: {k: -self.factor * v for k, v in a.items()}},
+            "scale_pieces": {p.PIECES: lambda a: {k: self.factor * v for k, v in a.items()}},
+            "replace_model": {
+                p.SHARED: replace,
+                p.HEAD: replace,
+                p.SHARED_MODEL: replace,
+                p.PROTOS: means,
+                p.LOGITS: means,
+            },
         }
-        key, change = rewrite[self.kind]
         records = reply.content.array_records
-        if key in records:
-            records[key] = p.to_record(change(p.from_record(records[key])))
+        for key, change in rewrite[self.kind].items():
+            if key in records:
+                records[key] = p.to_record(change(p.from_record(records[key])))
         return reply
 
 

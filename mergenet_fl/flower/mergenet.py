@@ -33,8 +33,9 @@ from mergenet_fl.robust import above_median, against_median
 log = logging.getLogger(__name__)
 
 
-def _norm(tensors) -> float:
-    return sum(float(t.double().pow(2).sum()) for t in tensors) ** 0.5
+def _pieces_norm(pieces: dict) -> float:
+    """The norm of one client's gradient pieces (layer -> (G_A, G_B))."""
+    return sum(float(t.double().pow(2).sum()) for pair in pieces.values() for t in pair) ** 0.5
 
 
 class MergeNet(PeerStrategy):
@@ -199,7 +200,7 @@ class MergeNet(PeerStrategy):
 
     def _clip(self, client_id: str, pieces: dict) -> dict:
         """Scale a client's pieces down to a total norm of at most ``clip_pieces``."""
-        norm = _norm(t for pair in pieces.values() for t in pair)
+        norm = _pieces_norm(pieces)
         if self.clip_pieces is None or norm <= self.clip_pieces:
             return pieces
         log.info("client %r: gradient pieces of norm %.3g clipped", client_id, norm)
@@ -224,6 +225,10 @@ class MergeNet(PeerStrategy):
         if self.screen is not None and pieces:
             pieces, stats["screened_pieces"] = self._screen_pieces(pieces)
         if self.generation is not None and pieces:
+            # each client's share of the norm of what enters the adapter's step (influence)
+            norms = {c: _pieces_norm(ps) for c, ps in pieces.items()}
+            total = sum(norms.values())
+            stats["piece_shares"] = {c: n / total if total > 0 else 0.0 for c, n in norms.items()}
             stats.update(self.hypernet.update(self.generation, pieces))
             log.info(
                 "round %d: adapter step from %d clients (gradient norm %.3g)",
@@ -270,7 +275,7 @@ class MergeNet(PeerStrategy):
         """Each client's pieces scaled down to ``screen`` times the round's median norm; the
         ids of those scaled."""
         ids = sorted(pieces)
-        norms = [_norm(t for pair in pieces[c].values() for t in pair) for c in ids]
+        norms = [_pieces_norm(pieces[c]) for c in ids]
         flagged = above_median(norms, self.screen)
         limit = self.screen * float(np.median(norms))
         out = dict(pieces)
