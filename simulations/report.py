@@ -775,7 +775,7 @@ def paper_targets(t: Table, runs: list[Run]) -> list[str]:
     for g in t.groups:
         diff = paired(t.by_method[lpka], t.by_method[LOCAL], g)
         met = diff is not None and diff[0] >= 0.01
-        rows.append((f"{lpka} ≥ LocalOnly + 1 point: {g}", _interval(diff), _yes(met)))
+        rows.append((f"{lpka} ≥ LocalOnly + 1 point: {g}", interval_text(diff), _yes(met)))
     rows.append(
         (
             "ablation order lpka ≥ avg ≥ rows > mlp (mean score over both models)",
@@ -807,7 +807,7 @@ def _difference(t: Table, method: str, base: str, group: str) -> tuple[str, bool
     """``method − base`` on ``group``, paired by seed, with its 95 % interval; and whether
     its mean reaches +1 point."""
     diff = paired(t.by_method[method], t.by_method[base], group)
-    return _interval(diff), diff is not None and diff[0] >= 0.01
+    return interval_text(diff), diff is not None and diff[0] >= 0.01
 
 
 def reference_targets(t: Table, runs: list[Run]) -> list[str]:
@@ -864,14 +864,14 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
     rows.append(
         (
             "a field method clears LocalOnly (interval above 0): the control works",
-            ", ".join(f"{m} {_interval(diff(m, LOCAL))}" for m in moving) or "none",
+            ", ".join(f"{m} {interval_text(diff(m, LOCAL))}" for m in moving) or "none",
             _yes(bool(moving)),
         )
     )
     if real is not None:
         d = diff(real, LOCAL)
         rows.append(
-            (f"{real} ≥ LocalOnly + 3 points", _interval(d), _yes(d is not None and d[0] >= 0.03))
+            (f"{real} ≥ LocalOnly + 3 points", interval_text(d), _yes(d is not None and d[0] >= 0.03))
         )
         if field:
             best = max(field, key=mean)
@@ -888,7 +888,7 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
             rows.append(
                 (
                     "real source ≥ random source + 2 points",
-                    _interval(d),
+                    interval_text(d),
                     _yes(d is not None and d[0] >= 0.02),
                 )
             )
@@ -917,7 +917,7 @@ def _targets_table(title: str, rows: list[tuple[str, str, str]], runs: list[Run]
     return out + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
 
 
-def _interval(diff: tuple[float, float, int] | None) -> str:
+def interval_text(diff: tuple[float, float, int] | None) -> str:
     """A paired difference (:func:`paired`) as points with its 95 % interval."""
     if diff is None:
         return "n/a"

@@ -3,9 +3,11 @@
     python -m simulations.study quick     # 2 seeds, 3 rounds: under 10 minutes on 2 cores
     python -m simulations.study full      # 3 seeds, every method: under an hour on 2 cores
     python -m simulations.study benchmark # the field's baselines, HtFLlib's protocol: 90 min
+    python -m simulations.study robustness  # attackers and defences: docs/robustness.md
 
 The sweeps are in ``conf/study/<name>.yaml``; results go to ``outputs/study-<name>/`` and the
 report to ``docs/results.md`` for ``full``, ``docs/benchmark.md`` for ``benchmark``,
+``docs/robustness.md`` for ``robustness`` (its own report: :mod:`simulations.robustness`),
 ``docs/results-<name>.md`` for the others (``--report`` to change it).
 """
 
@@ -21,12 +23,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from simulations import report, robustness
 from simulations.config import CONF_DIR
-from simulations.report import write_report
 from simulations.server_app import setup_logging
 
 log = logging.getLogger("simulations.study")
-REPORTS = {"full": "docs/results.md", "benchmark": "docs/benchmark.md"}  # the others: results-*
+REPORTS = {  # the others: docs/results-<name>.md
+    "full": "docs/results.md",
+    "benchmark": "docs/benchmark.md",
+    "robustness": "docs/robustness.md",
+}
+WRITERS = {"robustness": robustness.write_report}  # the others: simulations.report's
 
 
 def sweep_commands(study: str, out: Path) -> dict[str, list[str]]:
@@ -64,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     out = (args.out or Path("outputs") / f"study-{args.study}").resolve()
-    report = args.report or Path(REPORTS.get(args.study, f"docs/results-{args.study}.md"))
+    dest = args.report or Path(REPORTS.get(args.study, f"docs/results-{args.study}.md"))
     if not args.report_only:
         commands = sweep_commands(args.study, out)
         if args.sweeps:
@@ -89,8 +96,9 @@ def main() -> None:
         log.info("study %r done in %.0f s", args.study, time.perf_counter() - start)
     # the command that runs the whole study, however this report was produced
     command = f"python -m simulations.study {args.study}"
-    write_report(out, report, title=f"Results: study `{args.study}`", command=command)
-    log.info("report written to %s", report)
+    write = WRITERS.get(args.study, report.write_report)
+    write(out, dest, title=f"Results: study `{args.study}`", command=command)
+    log.info("report written to %s", dest)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@ server (which is why the defences exist) and change what they aim at."""
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from harness import FakeGrid, TinyClient, mlp, set_task_identity
 from mergenet_fl import AdapterConfig, HypernetConfig
 from mergenet_fl.flower import MergeNet
+from mergenet_fl.flower import protocol as p
 from simulations.attacks import KINDS, MARGIN, Attack
 from simulations.config import ConfigError, compose
 
@@ -79,3 +80,39 @@ def test_an_attack_is_configured_per_client_group_and_checked():
     assert cfg.client(2)[0].attack is not None and cfg.client(1)[0].attack is None
     with pytest.raises(ConfigError, match=r"clients\[1\]\.attack: attack kind 'steal'"):
         compose(federation_with("{kind: steal}"))
+
+
+def test_model_replacement_noises_what_each_method_averages_and_keeps_the_counts():
+    means = np.ones((3, 4), dtype=np.float32)
+    counts = np.array([5.0, 0.0, 2.0], dtype=np.float32)
+    head = {"weight": np.ones((3, 4), dtype=np.float32), "bias": np.zeros(3, dtype=np.float32)}
+    content = RecordDict(
+        {
+            p.PROTOS: p.to_record({"means": means, "counts": counts}),
+            p.HEAD: p.to_record(head),
+            p.PACKET: p.to_record({"fc/A": means}),
+        }
+    )
+    reply = Attack("replace_model", factor=10.0).apply(
+        Message(content, dst_node_id=1, message_type="train"), LIMIT, seed=0
+    )
+    protos = p.from_record(reply.content.array_records[p.PROTOS])
+    np.testing.assert_array_equal(protos["counts"], counts)
+    assert np.linalg.norm(protos["means"]) == pytest.approx(10 * np.linalg.norm(means), rel=1e-5)
+    assert not np.allclose(protos["means"] / np.linalg.norm(protos["means"]), means / 12**0.5)
+    noisy_head = p.from_record(reply.content.array_records[p.HEAD])
+    assert np.linalg.norm(noisy_head["weight"]) == pytest.approx(10 * 12**0.5, rel=1e-5)
+    np.testing.assert_array_equal(  # not what replace_model aims at
+        p.from_record(reply.content.array_records[p.PACKET])["fc/A"], means
+    )
+
+
+def test_an_attackers_share_of_the_adapters_gradient_is_logged():
+    _, honest = attacked_run(None)
+    _, scaled = attacked_run(Attack("scale_pieces", factor=50.0))
+    for train in (honest, scaled):
+        shares = [r["server"]["piece_shares"] for r in train[1:]]
+        assert all(sorted(s) == ["m0", "m1", "m2", "m3"] for s in shares)
+        assert all(sum(s.values()) == pytest.approx(1.0) for s in shares)
+    assert max(s["m3"] for s in (r["server"]["piece_shares"] for r in honest[1:])) < 0.6
+    assert min(s["m3"] for s in (r["server"]["piece_shares"] for r in scaled[1:])) > 0.9
