@@ -871,7 +871,11 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
     if real is not None:
         d = diff(real, LOCAL)
         rows.append(
-            (f"{real} ≥ LocalOnly + 3 points", interval_text(d), _yes(d is not None and d[0] >= 0.03))
+            (
+                f"{real} ≥ LocalOnly + 3 points",
+                interval_text(d),
+                _yes(d is not None and d[0] >= 0.03),
+            )
         )
         if field:
             best = max(field, key=mean)

@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mergenet_fl.flower.runlog import pooled_curve, read_lines
-from simulations.report import conf_defaults, interval_text, method_label, paired_by, t_interval
+from simulations.report import conf_defaults, interval_text, method_label, paired_by
 
 NONE = "none"
 DEFENCES = ("screen", "combine", "average")  # the strategy settings that defend
