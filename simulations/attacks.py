@@ -29,6 +29,7 @@ from flwr.app import Message
 from mergenet_fl.flower import protocol as p
 
 KINDS = ("scale_packet", "random_packet", "flip_pieces", "scale_pieces", "replace_model")
+SCALED = ("flip_pieces", "scale_pieces", "replace_model")  # the kinds that use ``factor``
 MARGIN = 0.99  # scale_packet: this share of max_factor_norm
 
 
@@ -44,6 +45,11 @@ class Attack:
             raise ValueError(f"attack kind {self.kind!r}; choose one of {KINDS}")
         if not self.factor > 0:
             raise ValueError(f"attack factor must be > 0, got {self.factor}")
+
+    @property
+    def label(self) -> str:
+        """The kind, with its factor where it uses one: ``flip_pieces x10``."""
+        return f"{self.kind} x{self.factor:g}" if self.kind in SCALED else self.kind
 
     def apply(self, reply: Message, max_factor_norm: float, seed: int) -> Message:
         """``reply`` (a train reply, changed in place) poisoned; replies without the record

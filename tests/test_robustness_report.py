@@ -56,6 +56,8 @@ def robust_run(root, name, seed, accuracy, *, attack=None, screen=None, server=1
         if screen is not None and attack:
             stats["screened_pieces"] = ["client-2"] if rnd == 2 else []
         lines.append({"round": rnd, "stage": "train", "server": stats})
+        # the evaluation stage's server line: not a round of training
+        lines.append({"round": rnd, "stage": "evaluate", "server": {"aggregate_seconds": 9.0}})
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run / "run.json").write_text(json.dumps({"seconds": 30.0}))
 
@@ -67,11 +69,13 @@ def test_attackers_and_defences_are_read_from_the_config():
     assert attackers({"clients": clients}) == (
         {"client-4", "client-5", "client-6", "client-7"},
         ("client-4", "client-5", "client-6"),
-        "flip_pieces x10 + scale_packet x2",
+        "flip_pieces x10 + scale_packet",
     )
     assert attackers({"clients": clients[:1]}) == (set(), (), "none")
     assert defence_label({"screen": None, "combine": "sum", "average": "mean"}) == "none"
     assert defence_label({"screen": 3.0, "combine": "median"}) == "screen 3, combine median"
+    assert defence_label({"share": "all", "average": "median"}) == "average median"
+    assert defence_label({"share": "none", "average": "median"}) == "none"  # does not apply
 
 
 def test_report_pairs_each_attack_with_the_clean_run_and_scores_honest_clients_only(tmp_path):
@@ -101,4 +105,7 @@ def test_report_pairs_each_attack_with_the_clean_run_and_scores_honest_clients_o
     assert "cost ≤ 1 point (worst setting) | +0.5 points" in targets
     assert "flip_pieces x10 | yes |" in targets
     assert "two attackers, defences on: cost ≤ 2 points (worst setting) | n/a | **no** |" in targets
-    assert "more server time (largest ratio) | x1.05 | yes |" in targets
+    assert (
+        f"more server time (largest ratio) | x1.05: {mergenet}, screen 3, combine median | yes |"
+        in targets
+    )
