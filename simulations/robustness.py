@@ -241,7 +241,9 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "attackers and without defences, with its 95 % interval: positive is accuracy lost. "
         "The attackers' share of the adapter's step is their part of the norm of the gradient "
         "pieces that entered it, per transfer round (honest: 1 in 10 each); screened is the "
-        "share of their replies the screening kept out or scaled down.",
+        "share of their replies the screening kept out or scaled down. An attacker that "
+        "claims another client's identity is not a run here: the strategy refuses it before "
+        "anything it sent is used (`tests/test_hostile.py`).",
         "",
         *targets(costs, ratios),
         "## Attacks",
