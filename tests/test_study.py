@@ -8,6 +8,7 @@ import shlex
 import pytest
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
@@ -24,12 +25,17 @@ def sweeps(study: str) -> list[list[str]]:
 
 
 def jobs(overrides: list[str]) -> list[list[str]]:
-    """Every combination of the swept values (``key=a,b``) with the other overrides."""
+    """Every combination of the swept values (``key=a,b``, parsed as Hydra parses them: a
+    value may be a dict or list with commas of its own) with the other overrides."""
+    parser = OverridesParser.create()
     options = []
     for override in overrides:
-        key, _, value = override.partition("=")
-        swept = "," in value and not value.startswith(("[", "{"))
-        options.append([f"{key}={v}" for v in value.split(",")] if swept else [override])
+        parsed = parser.parse_override(override)
+        if parsed.is_sweep_override():
+            key = parsed.get_key_element()
+            options.append([f"{key}={v}" for v in parsed.sweep_string_iterator()])
+        else:
+            options.append([override])
     return [list(job) for job in itertools.product(*options)]
 
 
