@@ -14,6 +14,7 @@ import io
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -68,6 +69,25 @@ def _decode_train_state(values: dict[str, Any]) -> TrainState:
 def _frozen(model: torch.nn.Module, dataset: Dataset, **_: object) -> dict[str, float]:
     """A frozen client's round: no step (what :meth:`Task.train` returns for one)."""
     return {"train_loss": 0.0, "train_steps": 0, "train_seconds": 0.0, "num_examples": len(dataset)}
+
+
+@contextmanager
+def _held(model: torch.nn.Module, frozen: bool) -> Iterator[None]:
+    """While training, a frozen ``model`` gets no gradients, and it leaves exactly as it came
+    (BatchNorm statistics included); an unfrozen one is left alone."""
+    if not frozen:
+        yield
+        return
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    wanted = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in wanted:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in wanted:
+            param.requires_grad_(flag)
+        model.load_state_dict(state)
 
 
 def _values(modules: list[torch.nn.Module]) -> dict[torch.nn.Parameter, torch.Tensor]:
@@ -147,25 +167,29 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         installed = [param for param, value in before.items() if not torch.equal(param, value)]
         overhead = time.perf_counter() - start
         partition_id = int(context.node_config["partition-id"])
-        steps = cfg.local_steps
-        train = work.task.train if not cfg.client(partition_id)[0].frozen else _frozen
-        metrics = train(
-            work.model,
-            work.train_set,
-            steps=steps,
-            epochs=None if steps else int(config.get("local-epochs", cfg.local_epochs)),
-            batch_size=cfg.batch_size,
-            seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
-            data_seed=cfg.seed * 100_003 + partition_id * 1009,
-            state=work.train_state,
-            lr=(work.lr or work.task.config.lr) * cfg.lr_factor(server_round),
-            device=resolve_device(cfg.device),
-            extension=extension if extension.adds_loss else None,
-            head=work.head,
-            numerics=cfg.numerics(),
-            installed=installed,
-            after_step=extension.after_step,
-        )
+        group = cfg.client(partition_id)[0]
+        steps = group.local_steps or cfg.local_steps
+        # a frozen client takes no step; its method's own models (FML's and FedKD's shared
+        # model) still learn, with its model as a fixed teacher
+        train = _frozen if group.frozen and not extension.modules() else work.task.train
+        with _held(work.model, group.frozen):
+            metrics = train(
+                work.model,
+                work.train_set,
+                steps=steps,
+                epochs=None if steps else int(config.get("local-epochs", cfg.local_epochs)),
+                batch_size=cfg.batch_size,
+                seed=cfg.seed * 100_003 + partition_id * 1009 + server_round,
+                data_seed=cfg.seed * 100_003 + partition_id * 1009,
+                state=work.train_state,
+                lr=(work.lr or work.task.config.lr) * cfg.lr_factor(server_round),
+                device=resolve_device(cfg.device),
+                extension=extension if extension.adds_loss else None,
+                head=work.head,
+                numerics=cfg.numerics(),
+                installed=installed,
+                after_step=extension.after_step,
+            )
         work.model.cpu()  # factors and replies are built on the CPU
         start = time.perf_counter()
         records = extension.end(msg, work.model, lambda: embed(cfg, work))
@@ -193,7 +217,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             records=records,
             manifest=extension.manifest,
         )
-        attack = cfg.client(partition_id)[0].attack
+        attack = group.attack
         if attack is not None:  # the robustness study's poisoning client
             limit = float(cfg.strategy.get("max_factor_norm", 1e4))
             reply = attack.apply(reply, limit, seed=cfg.seed * 100_003 + server_round)

@@ -108,7 +108,9 @@ class ClientGroup:
     partition: str | None = None  # iid: the group's clients draw uniform rows before the
     # federation's partition splits the rest (a data-rich hub among label-skewed clients)
     pretrain_epochs: int = 0  # epochs on its own rows before round 1 (cached on disk)
-    frozen: bool = False  # never trains in a round (a pre-trained source: with send_only)
+    frozen: bool = False  # its model never trains in a round (a pre-trained source: with
+    # send_only); its method's own models (FML's, FedKD's shared model) learn from it
+    local_steps: int | None = None  # batches per round for this group (default: the run's)
     attack: Attack | None = None  # poisons its train replies (the robustness study)
 
     @property
@@ -373,6 +375,11 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         problems.append(f"{where}.pretrain_epochs must be an integer >= 0, got {pretrain!r}")
     if not isinstance(c.get("frozen", False), bool):
         problems.append(f"{where}.frozen must be true or false, got {c['frozen']!r}")
+    steps = c.get("local_steps")
+    if steps is not None and not (
+        isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+    ):
+        problems.append(f"{where}.local_steps must be null or an integer >= 1, got {steps!r}")
     if c.get("partition") not in (None, "iid"):
         problems.append(f"{where}.partition must be iid or absent, got {c['partition']!r}")
     attack = None
@@ -398,6 +405,7 @@ def client_group(c: dict[str, Any], where: str, problems: list[str]) -> ClientGr
         partition=c.get("partition"),
         pretrain_epochs=pretrain if isinstance(pretrain, int) else 0,
         frozen=c.get("frozen") is True,
+        local_steps=steps if isinstance(steps, int) and steps >= 1 else None,
         attack=attack,
     )
 

@@ -72,3 +72,33 @@ def test_pretrain_epochs_and_frozen_are_checked():
 def test_the_frozen_hub_is_a_pretrained_send_only_source():
     hub = compose("federation=hub_frozen").clients[0]
     assert hub.frozen and hub.send_only and hub.pretrain_epochs == 15 and hub.partition == "iid"
+
+
+def test_a_frozen_client_keeps_its_model_while_its_methods_shared_model_learns(
+    monkeypatch, tmp_path
+):
+    set_task_identity()
+    fresh_caches(monkeypatch, tmp_path)
+    cfg = compose(
+        [*TINY, "+federation.clients.1.frozen=true", "+federation.clients.1.local_steps=3"]
+        + ["strategy=fml", "num_rounds=2", "local_steps=2", "evaluate_every=2"]
+    )
+    hub = federation.build_workload(cfg, 1).model  # the one the client app trains (cached)
+    before = {k: v.clone() for k, v in hub.state_dict().items()}
+    out = tmp_path / "out"
+    out.mkdir()
+    run_server(FakeGrid(app_nodes(make_client_app(lambda context: cfg), 2)), cfg, out)
+    after = hub.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
+    assert all(p.requires_grad for p in hub.parameters())  # as it was
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in rows if x.get("stage") == "train" and "client" in x]
+    frozen = [x for x in train if x["group"] == "resnet18-images"]
+    assert [x["train_steps"] for x in frozen] == [3, 3]  # its shared model, at the group's steps
+    assert all(x["train_loss"] > 0 for x in frozen)
+    assert all(x["train_steps"] == 2 for x in train if x["group"] == "cnn4-images")
+
+
+def test_local_steps_of_a_group_are_checked():
+    with pytest.raises(ConfigError, match="local_steps must be null or an integer >= 1"):
+        compose([*TINY, "+federation.clients.0.local_steps=0"])
