@@ -72,10 +72,10 @@ def _frozen(model: torch.nn.Module, dataset: Dataset, **_: object) -> dict[str, 
 
 
 @contextmanager
-def _held(model: torch.nn.Module, frozen: bool) -> Iterator[None]:
-    """While training, a frozen ``model`` gets no gradients, and it leaves exactly as it came
-    (BatchNorm statistics included); an unfrozen one is left alone."""
-    if not frozen:
+def _held(model: torch.nn.Module, held: bool) -> Iterator[None]:
+    """While others train beside it, a ``held`` model gets no gradients and leaves exactly as
+    it came (BatchNorm statistics included); otherwise it is left alone."""
+    if not held:
         yield
         return
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -171,8 +171,9 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         steps = group.local_steps or cfg.local_steps
         # a frozen client takes no step; its method's own models (FML's and FedKD's shared
         # model) still learn, with its model as a fixed teacher
-        train = _frozen if group.frozen and not extension.modules() else work.task.train
-        with _held(work.model, group.frozen):
+        teacher = group.frozen and bool(extension.modules())
+        train = _frozen if group.frozen and not teacher else work.task.train
+        with _held(work.model, teacher):
             metrics = train(
                 work.model,
                 work.train_set,

@@ -43,6 +43,7 @@ class AttackRun:
     honest: float  # pooled accuracy of the honest clients at the final round
     chance: float  # the same of always predicting each client's most frequent label
     server_seconds: float  # the server's time over the run (configure and aggregate)
+    seconds: float  # the run's wall time
     piece_share: float | None  # the attackers' share of the adapter's gradient pieces' norm
     screened: float | None  # share of the attackers' (round, reply) pairs screened out
 
@@ -78,6 +79,7 @@ def load(path: Path, defaults: dict[str, Any]) -> AttackRun | None:
     """One finished run's numbers (None: unfinished)."""
     if not (path / "run.json").exists():
         return None
+    seconds = json.loads((path / "run.json").read_text())["seconds"]
     cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
     slots, bad, attack = attackers(cfg["federation"])
     lines = read_lines(path)
@@ -105,6 +107,7 @@ def load(path: Path, defaults: dict[str, Any]) -> AttackRun | None:
         server_seconds=sum(
             s.get("configure_seconds", 0.0) + s.get("aggregate_seconds", 0.0) for s in servers
         ),
+        seconds=seconds,
         piece_share=statistics.mean(shares) if bad and shares else None,
         screened=(
             sum(screens) / (len(bad) * len(servers)) if bad and screening and servers else None
@@ -128,10 +131,12 @@ def by_setting(runs: list[AttackRun]) -> dict[Key, list[AttackRun]]:
     return out
 
 
-def _pct(values: list[float]) -> str:
-    mean = statistics.mean(values)
+def _score(runs: list[AttackRun]) -> str:
+    """The honest clients' accuracy over seeds, mean ± std, with its chance level."""
+    values = [r.honest for r in runs]
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    chance = statistics.mean(r.chance for r in runs)
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f} % ({100 * chance:.1f} %)"
 
 
 def _mean(values: list[float | None]) -> str:
@@ -156,10 +161,9 @@ def attack_rows(settings: dict[Key, list[AttackRun]]) -> tuple[list[str], dict[K
         runs = settings[key]
         cost = paired_by(clean, runs, lambda r: r.honest)
         costs[key] = cost
-        chance = statistics.mean(r.chance for r in runs)
         out.append(
-            f"| {method} | {defence} | {attack} | {count} | {_pct([r.honest for r in runs])} % "
-            f"({100 * chance:.1f} %) | {interval_text(cost)} | "
+            f"| {method} | {defence} | {attack} | {count} | {_score(runs)} | "
+            f"{interval_text(cost)} | "
             f"{_mean([r.piece_share for r in runs])} | {_mean([r.screened for r in runs])} |"
         )
     return out, costs
@@ -187,9 +191,8 @@ def defence_rows(
             ratios.append((statistics.mean(ratio), f"{method}, {defence}"))
             text = f"x{statistics.mean(ratio):.2f}"
         diff = paired_by(runs, base, lambda r: r.honest) if defence != NONE else None
-        chance = statistics.mean(r.chance for r in runs)
         out.append(
-            f"| {method} | {defence} | {_pct([r.honest for r in runs])} % ({100 * chance:.1f} %) "
+            f"| {method} | {defence} | {_score(runs)} "
             f"| {interval_text(diff) if defence != NONE else '–'} | "
             f"{statistics.mean(r.server_seconds for r in runs):.2f} | {text} |"
         )
@@ -228,7 +231,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
     settings = by_setting(runs)
     attacked, costs = attack_rows(settings)
     defended, ratios = defence_rows(settings)
-    seconds = sum(json.loads(p.read_text())["seconds"] for p in study_dir.rglob("run.json"))
+    seconds = sum(r.seconds for r in runs)
     lines = [
         f"# {title}",
         "",
