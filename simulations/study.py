@@ -37,11 +37,13 @@ WRITERS = {"robustness": robustness.write_report}  # the others: simulations.rep
 
 
 def sweep_commands(study: str, out: Path) -> dict[str, list[str]]:
-    """Sweep name -> the ``simulations.run`` multirun command that runs it."""
+    """Sweep name -> the ``simulations.run`` multirun command that runs it. A sweep that names
+    its own seeds (``seed=0,1,2``) runs those instead of the study's."""
     spec = OmegaConf.load(CONF_DIR / "study" / f"{study}.yaml")
     seeds = ",".join(str(s) for s in spec.seeds)
     commands = {}
     for name, overrides in spec.sweeps.items():
+        own_seeds = any(str(o).startswith("seed=") for o in overrides)
         commands[name] = [
             sys.executable,
             "-m",
@@ -49,7 +51,7 @@ def sweep_commands(study: str, out: Path) -> dict[str, list[str]]:
             "-m",
             *overrides,
             *spec.common,
-            f"seed={seeds}",
+            *([] if own_seeds else [f"seed={seeds}"]),
             f"output_dir={out}",
             f"hydra.sweep.dir={out}/{name}",
             "hydra.sweep.subdir=${hydra.job.num}-${name}-seed${seed}",

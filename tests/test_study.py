@@ -60,3 +60,16 @@ def test_a_swept_group_with_an_override_of_a_key_only_it_has_is_caught():
             GlobalHydra.instance().hydra.compose_config(
                 "config", bad, run_mode=RunMode.MULTIRUN, with_log_configuration=False
             )
+
+
+def test_each_sweep_runs_its_own_seeds_or_else_the_studys():
+    for study in STUDIES:
+        for name, command in sweep_commands(study, CONF_DIR).items():
+            seeds = [arg for arg in command if arg.startswith("seed=")]
+            assert len(seeds) == 1, (study, name, seeds)
+    seeds = {
+        name: next(arg for arg in command if arg.startswith("seed="))
+        for name, command in sweep_commands("benchmark", CONF_DIR).items()
+    }
+    assert seeds["images"] == "seed=0,1,2,3,4"  # the study's
+    assert seeds["text"] == "seed=0,1,2"  # the sweep's own
