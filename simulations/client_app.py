@@ -106,6 +106,25 @@ def scored_model(cfg: ExperimentConfig, work: Workload) -> torch.nn.Module:
     )
 
 
+def probe_scores(cfg: ExperimentConfig, work: Workload) -> dict[str, float]:
+    """The model's main score (accuracy, or F1) as it is scored (:func:`scored_model`, its own
+    head) on the client's test rows, key ``""``, and on the global test where it has one,
+    ``"_global"``: :data:`ExperimentConfig.probe_install`'s two readings."""
+    model = scored_model(cfg, work)
+    scoring = dict(
+        batch_size=cfg.eval_batch_size, device=resolve_device(cfg.device), numerics=cfg.numerics()
+    )
+    sets = {"": work.eval_set}
+    if work.data.global_set is not None:
+        sets["_global"] = work.data.global_set
+    out = {}
+    for suffix, dataset in sets.items():
+        metrics = work.task.evaluate(model, dataset, **scoring)
+        out[suffix] = float(metrics["f1" if "f1" in metrics else "accuracy"])
+    work.model.cpu()
+    return out
+
+
 def embed(cfg: ExperimentConfig, work: Workload) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(features, logits, labels)`` of the client's training set under its model in eval
     mode, as it is scored (:func:`scored_model`): a few local steps leave the running
@@ -157,6 +176,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         extension = cfg.build_extension(work.model, work.head, work.data.num_classes, work.layers)
         for name, module in extension.modules().items():  # kept from the node's last round
             mc.load_local_model(context, module, key=f"{EXTENSION_KEY}.{name}")
+        unsent = probe_scores(cfg, work) if cfg.probe_install else {}
         start = time.perf_counter()
         if cfg.optimizer_state == "fresh":  # a new optimiser every round, as HtFLlib and Flower
             work.train_state.optimizer = None
@@ -166,6 +186,12 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         extension.begin(msg, work.model)
         installed = [param for param, value in before.items() if not torch.equal(param, value)]
         overhead = time.perf_counter() - start
+        probed = {}
+        if cfg.probe_install:  # what the install alone does to the scores, before any step
+            probed = {
+                f"install_gain{suffix}": after - unsent[suffix]
+                for suffix, after in probe_scores(cfg, work).items()
+            }
         partition_id = int(context.node_config["partition-id"])
         group = cfg.client(partition_id)[0]
         steps = group.local_steps or cfg.local_steps
@@ -205,6 +231,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
         metrics = {
             p.NUM_EXAMPLES: metrics.pop("num_examples"),
             **metrics,
+            **probed,
             "label_counts": list(work.data.label_counts),
             mc.MERGENET_SECONDS: overhead,
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply

@@ -157,6 +157,8 @@ class ExperimentConfig:
     eval_batch_size: int = 256
     bn_calibration: bool = True
     optimizer_state: str = "fresh"
+    # score the model before and after what the server installs, before training (diagnostic)
+    probe_install: bool = False
     client_optimizer: dict[str, float | str | None] = field(default_factory=dict)
     augment: bool = True
     lr_milestones: tuple[int, ...] = ()  # after these rounds the clients' lr is × lr_gamma
@@ -503,7 +505,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1,
         f"lr_gamma must be in (0, 1], got {gamma!r}",
     )
-    for key in ("channels_last", "bn_calibration", "augment"):
+    for key in ("channels_last", "bn_calibration", "augment", "probe_install"):
         need(
             isinstance(raw.get(key, True), bool),
             f"{key} must be true or false, got {raw.get(key)!r}",
@@ -664,6 +666,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         eval_batch_size=int(raw.get("eval_batch_size", 256)),
         bn_calibration=bool(raw.get("bn_calibration", True)),
         optimizer_state=str(raw.get("optimizer_state", "fresh")),
+        probe_install=bool(raw.get("probe_install", False)),
         client_optimizer=client_optimizer,
         augment=bool(raw.get("augment", True)),
         lr_milestones=tuple(milestones),

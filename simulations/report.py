@@ -51,6 +51,9 @@ FIELD = {
     "fedtgp": "FedTGP",
     "fedgh": "FedGH",
 }
+# HtFLlib's fewest local steps per client: ≥ 101 rounds of ≈ 225 (../shared/docs/htfl.md)
+HTFL_MIN_STEPS = 22_700
+RESOLUTION_TARGET = 1.5  # points: what the benchmark is sized for (issue 24)
 HTFL_C10_DIR01 = {
     "FedTGP": 88.15,
     "FedKD": 86.45,
@@ -88,6 +91,9 @@ class Run:
     pooled_validation: dict[int, float] = field(default_factory=dict)  # on validation rows
     steps_per_client: float = 0.0  # local SGD steps of a client over the run, mean
     hubs: tuple[str, ...] = ()  # groups with more data than the others, or send-only
+    # probe_install: group -> mean change of the score from installing what the server sent
+    # (rounds >= 2), on the clients' test rows ("") and on the global test ("_global")
+    install_gain: dict[str, dict[str, float]] = field(default_factory=dict)
     path: Path = field(repr=False, default=Path())
 
     def pooled_at(self, choice: str) -> float:
@@ -197,6 +203,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         pooled_validation=pooled_curve(lines, "val_accuracy", "val_num_examples"),
         steps_per_client=statistics.mean(steps.values()) if steps else 0.0,
         hubs=hub_groups(cfg["federation"]),
+        install_gain=install_gains(trains),
         path=path,
     )
 
@@ -210,6 +217,17 @@ def hub_groups(federation: dict) -> tuple[str, ...]:
         for c in federation["clients"]
         if c.get("send_only") or (default and c.get("examples", default) > default)
     )
+
+
+def install_gains(trains: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Suffix (``""``: own test rows, ``"_global"``) -> group -> mean ``install_gain`` of its
+    clients' train replies from round 2 on (round 1 installs what every client starts from)."""
+    gains: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for x in trains:
+        for suffix in ("", "_global"):
+            if x["round"] >= 2 and f"install_gain{suffix}" in x:
+                gains[suffix][x["group"]].append(x[f"install_gain{suffix}"])
+    return {s: {g: statistics.mean(v) for g, v in by.items()} for s, by in gains.items()}
 
 
 def last_transfer_effect(lines: list[dict[str, Any]]) -> dict[str, float]:
@@ -572,6 +590,7 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
             *(f"Δ {names[c]} vs LocalOnly" for c in choices if c != "best"),
             "local steps per client",
         ]
+        all_steps: list[float] = []
         out += [
             f"## Pooled accuracy, HtFLlib's number ({federation})",
             "",
@@ -579,7 +598,7 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
             "|---|---:|" + "---:|" * len(columns),
         ]
         finals = {m: pooled_final(rs) for m, rs in t.by_method.items()}
-        halves = []
+        halves: dict[str, float] = {}  # method -> half-width of its final Δ vs LocalOnly
         for m, rs in t.by_method.items():
             cells = [
                 "{:.1f} ± {:.1f}".format(
@@ -601,8 +620,10 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
                     cells.append("–")
                     continue
                 cells.append(f"{100 * diff[0]:+.1f} ± {100 * diff[1]:.1f} (n={diff[2]})")
-                halves.append(100 * diff[1])
+                if c == "final":
+                    halves[m] = 100 * diff[1]
             steps = statistics.mean(r.steps_per_client for r in rs)
+            all_steps.append(steps)
             out.append(f"| {m} | {len(rs)} | {' | '.join(cells)} | {steps:,.0f} |")
         final = {m: mean for m, (mean, _) in finals.items()}
         ours = sorted((m for m in final if m in HTFL_C10_DIR01), key=final.get, reverse=True)
@@ -616,10 +637,10 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
             f"{100 * chance:.1f} %."
             if chance is not None
             else "",
-            "Resolution: the widest half-width of a paired 95 % interval above is "
-            + (f"{max(halves):.1f} points." if halves else "unknown (fewer than two seeds)."),
+            resolution_line(halves),
+            steps_line(statistics.mean(all_steps)),
             f"Order at the final round: {' > '.join(ours) or '–'}; HtFLlib's (CIFAR-10, Dir "
-            f"0.1, ≥ 22.7k local steps per client): {' > '.join(theirs) or '–'}.",
+            f"0.1, ≥ {HTFL_MIN_STEPS / 1000:.1f}k local steps per client): {' > '.join(theirs) or '–'}.",
             "Pairs the instrument separates at the final round (paired 95 % interval clear of "
             "0): " + (", ".join(separated_pairs(t.by_method, final)) or "none") + ".",
             "",
@@ -631,6 +652,32 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
             "",
         ]
     return out
+
+
+def resolution_line(halves: dict[str, float]) -> str:
+    """The instrument's resolution from each method's half-width of the paired 95 % interval
+    of its final pooled accuracy against LocalOnly (``halves``, points): the median, how many
+    are within :data:`RESOLUTION_TARGET`, and the widest."""
+    if not halves:
+        return "Resolution: unknown (fewer than two seeds)."
+    widest = max(halves, key=halves.get)
+    within = sum(h <= RESOLUTION_TARGET for h in halves.values())
+    return (
+        "Resolution (half-width of the paired 95 % interval of final pooled accuracy against "
+        f"LocalOnly): median {statistics.median(halves.values()):.1f} points over "
+        f"{len(halves)} methods, ≤ {RESOLUTION_TARGET} for {within} of them; widest "
+        f"{halves[widest]:.1f} ({widest})."
+    )
+
+
+def steps_line(steps: float) -> str:
+    """A client's local steps in the run against HtFLlib's fewest (empty if unknown)."""
+    if steps <= 0:
+        return ""
+    return (
+        f"Local steps per client: {steps:,.0f}, 1/{HTFL_MIN_STEPS / steps:.0f} of HtFLlib's "
+        f"≥ {HTFL_MIN_STEPS:,} (≥ 101 rounds of ≈ 225 steps, CIFAR-10)."
+    )
 
 
 def pooled_final(runs: list[Run]) -> tuple[float, float | None]:
@@ -903,6 +950,23 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
             else ""
         )
         rows.append((f"{m}: data-poor clients", f"{100 * mean(m):.1f} %{on_global}", "–"))
+        if all(r.install_gain.get("") for r in t.by_method[m]):
+            gains = {
+                suffix: statistics.mean(
+                    statistics.mean(r.install_gain[suffix][g] for g in poor)
+                    for r in t.by_method[m]
+                )
+                for suffix in ("", "_global")
+                if all(suffix in r.install_gain for r in t.by_method[m])
+            }
+            rows.append(
+                (
+                    f"{m}: what the server's install does, scored before training "
+                    "(rounds 2 on; own test, global test)",
+                    " / ".join(f"{100 * v:+.2f} points" for v in gains.values()),
+                    "–",
+                )
+            )
     for hub in _hubs(t):
         rows.append((f"the hub ({hub}), apart", f"{100 * t.score(LOCAL, hub)[0]:.1f} %", "–"))
     chances = ", ".join(f"{g} {100 * c:.1f} %" for g in poor if (c := t.chance(g)) is not None)

@@ -23,13 +23,15 @@ def fake_run(
     chance=None,
     on_global=None,
     hub=None,
+    install=None,
     **top,
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
     (f1, em)) with the given accuracy per round and, if given, ``r8``'s chance level and its
     (accuracy, chance) on the global test (``on_global``, every round); ``top`` sets top-level
     config keys, and ``lr``, ``optimizer`` and ``source`` the strategy's; ``hub``: the final
-    accuracy of a send-only group ``hub`` beside them (every round)."""
+    accuracy of a send-only group ``hub`` beside them (every round); ``install``: round ->
+    the ``r8`` clients' probe_install gains (own test, global test)."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -96,6 +98,11 @@ def fake_run(
                     "mergenet_seconds": 0.02,
                     "bytes_down": 100,
                     "bytes_up": 300,
+                    **(
+                        {}
+                        if install is None
+                        else dict(zip(("install_gain", "install_gain_global"), install[rnd]))
+                    ),
                 }
             )
             lines.append(
@@ -454,7 +461,12 @@ def test_pooled_accuracy_counts_every_clients_rows_at_the_final_best_and_validat
         and "+9.0 ± 19.1 (n=2)" in row
         and row.endswith("| 15 |")
     )
-    assert "Resolution: the widest half-width of a paired 95 % interval above is 19.1" in text
+    # FedTGP's half-width 19.1, FedGH's 0.0 (the same gain at both seeds)
+    assert (
+        "Resolution (half-width of the paired 95 % interval of final pooled accuracy against "
+        "LocalOnly): median 9.5 points over 2 methods, ≤ 1.5 for 1 of them; widest 19.1 (FedTGP)."
+    ) in text
+    assert "Local steps per client: 15, 1/1513 of HtFLlib's ≥ 22,700" in text
     # FedGH gains 15.0 at both seeds (an interval of width 0); FedTGP's 19.1 covers 0, and so
     # does FedGH's lead over FedTGP (6.0 ± 19.1)
     separated = next(line for line in text.splitlines() if line.startswith("Pairs the"))
@@ -558,6 +570,8 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
         ("mergenet", "real"): (0.31, 0.34, 0.30),  # +1, +2, +2
         ("mergenet", "random"): (0.31, 0.32, 0.29),
     }
+    # the merged layer alone, before training: round 1 (nothing merged yet) is left out
+    install = {1: (0.9, 0.9), 2: (0.02, -0.01)}
     for (strategy, source), scores in finals.items():
         for seed, final in enumerate(scores):
             fake_run(
@@ -574,8 +588,14 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
                 eval_split="local",
                 num_rounds=2,
                 batch_size=10,
+                install=install if strategy == "mergenet" and source == "real" else None,
             )
     text = report_text(study, tmp_path / "results-hub.md")
+    assert (
+        "| MergeNet (lpka, transfer only): what the server's install does, scored before "
+        "training (rounds 2 on; own test, global test) | +2.00 points / -1.00 points | – |"
+    ) in text
+    assert text.count("what the server's install does") == 1  # only where it was probed
     assert "## Targets (data-poor clients: r8; chance r8 20.0 %)" in text
     assert (
         "| a field method clears LocalOnly (interval above 0): the control works | FD +4.3" in text
