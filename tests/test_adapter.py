@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mergenet_fl import LPKA, VARIANTS, AdapterConfig, SourceTokens, factorize, pad_rank
-from mergenet_fl.adapter import Branch, KeyMemo, compress_tokens
+from mergenet_fl.adapter import Branch, Capture, KeyMemo, compress_tokens
 
 SHAPES = [(10, 48), (24, 36), (16, 16)]
 
@@ -320,3 +320,40 @@ def test_forward_rejects_wrong_rank():
     a, b = batch((10, 48), rank=3)
     with pytest.raises(ValueError, match="rank 4"):
         adapter(a, b, sources)
+
+
+def test_a_branch_is_multi_head_attention_written_out():
+    """Queries (N, Lq, w) on keys of two widths: the branch's output and its gradients equal
+    softmax(q_h k_hᵀ/√d) v_h per head, concatenated and projected back, as written here."""
+    cfg = AdapterConfig(rank=4, dim=16, heads=2)
+    branch = Branch(cfg, "ktl0.A_rows_rows", Capture())
+    gen = torch.Generator().manual_seed(0)
+    branch.q.register(4), branch.o.register(4)
+    for w in (4, 6):
+        branch.k.register(w), branch.v.register(w)
+    with torch.no_grad():
+        for p in branch.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    query = torch.randn(3, 5, 4, generator=gen, requires_grad=True)
+    keys = [(4, torch.randn(7, 4, generator=gen)), (6, torch.randn(2, 6, generator=gen))]
+    grad = torch.randn(3, 5, 4, generator=gen)
+
+    def written_out():
+        q = branch.q(query).reshape(3, 5, 2, 8)
+        k = torch.cat([branch.k(t) for _, t in keys]).reshape(9, 2, 8)
+        v = torch.cat([branch.v(t) for _, t in keys]).reshape(9, 2, 8)
+        weights = torch.softmax(torch.einsum("nqhd,lhd->nhql", q, k) / math.sqrt(8), dim=-1)
+        heads = torch.einsum("nhql,lhd->nqhd", weights, v).reshape(3, 5, 16)
+        return branch.o(heads, 4)
+
+    outs, grads = [], []
+    for forward in (lambda: branch(query, keys), written_out):
+        branch.zero_grad(set_to_none=True)
+        query.grad = None
+        out = forward()
+        out.backward(grad)
+        outs.append(out.detach())
+        grads.append([query.grad, *(p.grad for p in branch.parameters())])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
