@@ -8,11 +8,12 @@ method (strategy, adapter variant, transfer cycle); seeds are the repetitions.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class Run:
     # probe_install: group -> mean change of the score from installing what the server sent
     # (rounds >= 2), on the clients' test rows ("") and on the global test ("_global")
     install_gain: dict[str, dict[str, float]] = field(default_factory=dict)
+    adapter: dict[str, float] = field(default_factory=dict)  # adapter_trace
     path: Path = field(repr=False, default=Path())
 
     def pooled_at(self, choice: str) -> float:
@@ -204,6 +206,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         steps_per_client=statistics.mean(steps.values()) if steps else 0.0,
         hubs=hub_groups(cfg["federation"]),
         install_gain=install_gains(trains),
+        adapter=adapter_trace(lines, hub_groups(cfg["federation"])),
         path=path,
     )
 
@@ -228,6 +231,37 @@ def install_gains(trains: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             if x["round"] >= 2 and f"install_gain{suffix}" in x:
                 gains[suffix][x["group"]].append(x[f"install_gain{suffix}"])
     return {s: {g: statistics.mean(v) for g, v in by.items()} for s, by in gains.items()}
+
+
+def adapter_trace(lines: list[dict[str, Any]], hubs: Sequence[str]) -> dict[str, float]:
+    """What MergeNet's adapter did: over the targets outside ``hubs`` in the last transfer
+    round, the mean ``transfer_effect`` and share of attention to the hub groups
+    (``hub_attention``; ``uniform``: what an even spread over the source groups gives), and
+    the adapter's mean ``step_norm`` over its steps. Empty without a transfer round."""
+    rounds = [
+        x["server"] for x in lines if x.get("stage") == "train" and "targets" in x.get("server", {})
+    ]
+    if not rounds:
+        return {}
+    groups = {x["client"]: x["group"] for x in lines if "group" in x and "client" in x}
+    stats = [
+        layer
+        for client, layers in rounds[-1]["targets"].items()
+        if groups.get(client) not in hubs
+        for layer in layers.values()
+    ]
+    steps = [r["step_norm"] for r in rounds if "step_norm" in r]
+    out = {"transfer_effect": statistics.mean(x["transfer_effect"] for x in stats)}
+    if hubs and all(x.get("attention") for x in stats):
+        out["hub_attention"] = statistics.mean(
+            sum(share for g, share in x["attention"].items() if g in hubs) for x in stats
+        )
+        out["uniform"] = statistics.mean(
+            sum(g in hubs for g in x["attention"]) / len(x["attention"]) for x in stats
+        )
+    if steps:
+        out["step_norm"] = statistics.mean(steps)
+    return out
 
 
 def last_transfer_effect(lines: list[dict[str, Any]]) -> dict[str, float]:
@@ -640,7 +674,8 @@ def pooled_section(runs: list[Run], figures: dict[str, Path]) -> list[str]:
             resolution_line(halves),
             steps_line(statistics.mean(all_steps)),
             f"Order at the final round: {' > '.join(ours) or '–'}; HtFLlib's (CIFAR-10, Dir "
-            f"0.1, ≥ {HTFL_MIN_STEPS / 1000:.1f}k local steps per client): {' > '.join(theirs) or '–'}.",
+            f"0.1, ≥ {HTFL_MIN_STEPS / 1000:.1f}k local steps per client): "
+            f"{' > '.join(theirs) or '–'}.",
             "Pairs the instrument separates at the final round (paired 95 % interval clear of "
             "0): " + (", ".join(separated_pairs(t.by_method, final)) or "none") + ".",
             "",
@@ -950,11 +985,24 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
             else ""
         )
         rows.append((f"{m}: data-poor clients", f"{100 * mean(m):.1f} %{on_global}", "–"))
+        if all("hub_attention" in r.adapter for r in t.by_method[m]):
+            trace = {
+                key: statistics.mean(r.adapter.get(key, math.nan) for r in t.by_method[m])
+                for key in ("transfer_effect", "hub_attention", "uniform", "step_norm")
+            }
+            rows.append(
+                (
+                    f"{m}: the adapter (last round; steps: mean)",
+                    f"transfer effect {trace['transfer_effect']:.3g}, attention to the hub "
+                    f"{trace['hub_attention']:.3f} (even spread {trace['uniform']:.3f}), "
+                    f"step norm {trace['step_norm']:.2g}",
+                    "–",
+                )
+            )
         if all(r.install_gain.get("") for r in t.by_method[m]):
             gains = {
                 suffix: statistics.mean(
-                    statistics.mean(r.install_gain[suffix][g] for g in poor)
-                    for r in t.by_method[m]
+                    statistics.mean(r.install_gain[suffix][g] for g in poor) for r in t.by_method[m]
                 )
                 for suffix in ("", "_global")
                 if all(suffix in r.install_gain for r in t.by_method[m])

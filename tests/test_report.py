@@ -24,6 +24,7 @@ def fake_run(
     on_global=None,
     hub=None,
     install=None,
+    trace=None,
     **top,
 ):
     """A finished run of one image group ``r8`` (and a QA group ``qa`` if given: round ->
@@ -31,7 +32,9 @@ def fake_run(
     (accuracy, chance) on the global test (``on_global``, every round); ``top`` sets top-level
     config keys, and ``lr``, ``optimizer`` and ``source`` the strategy's; ``hub``: the final
     accuracy of a send-only group ``hub`` beside them (every round); ``install``: round ->
-    the ``r8`` clients' probe_install gains (own test, global test)."""
+    the ``r8`` clients' probe_install gains (own test, global test); ``trace``: round ->
+    (transfer effect, attention to ``hub``, adapter step norm) in the server's log, where the
+    hub, a target too, attends to nothing of itself."""
     run = root / name
     run.mkdir(parents=True)
     clients = [
@@ -101,7 +104,9 @@ def fake_run(
                     **(
                         {}
                         if install is None
-                        else dict(zip(("install_gain", "install_gain_global"), install[rnd]))
+                        else dict(
+                            zip(("install_gain", "install_gain_global"), install[rnd], strict=True)
+                        )
                     ),
                 }
             )
@@ -121,6 +126,17 @@ def fake_run(
                         else {"global_accuracy": on_global[0], "global_chance": on_global[1]}
                     ),
                 }
+            )
+        if trace is not None:
+            effect, attention, step = trace[rnd]
+            stats = {
+                "transfer_effect": effect,
+                "attention": {"hub": attention, "r8": 1 - attention},
+            }
+            alone = {"transfer_effect": 9.0, "attention": {"hub": 0.0, "r8": 1.0}}
+            targets = {"a": {"fc": stats}, "b": {"fc": stats}, "h": {"fc": alone}}
+            lines.append(
+                {"round": rnd, "stage": "train", "server": {"targets": targets, "step_norm": step}}
             )
         if hub is not None:
             lines.append(
@@ -589,6 +605,9 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
                 num_rounds=2,
                 batch_size=10,
                 install=install if strategy == "mergenet" and source == "real" else None,
+                trace={1: (0.5, 0.9, 0.001), 2: (0.01, 0.6, 0.003)}
+                if strategy == "mergenet"
+                else None,
             )
     text = report_text(study, tmp_path / "results-hub.md")
     assert (
@@ -596,6 +615,11 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
         "training (rounds 2 on; own test, global test) | +2.00 points / -1.00 points | – |"
     ) in text
     assert text.count("what the server's install does") == 1  # only where it was probed
+    # the data-poor targets in the last round (not the hub's own); steps averaged
+    assert (
+        "| MergeNet (lpka, transfer only): the adapter (last round; steps: mean) | transfer "
+        "effect 0.01, attention to the hub 0.600 (even spread 0.500), step norm 0.002 | – |"
+    ) in text
     assert "## Targets (data-poor clients: r8; chance r8 20.0 %)" in text
     assert (
         "| a field method clears LocalOnly (interval above 0): the control works | FD +4.3" in text
