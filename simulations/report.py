@@ -175,6 +175,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
     if federation not in fedavg_cache:
         fedavg_cache[federation] = fedavg_bytes(cfg)
     trains = [x for x in lines if x.get("stage") == "train" and "train_seconds" in x]
+    hubs = hub_groups(cfg["federation"])
     steps: dict[str, float] = defaultdict(float)
     for x in trains:
         steps[x["client"]] += x.get("train_steps", 0.0)
@@ -204,9 +205,9 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         pooled=pooled_curve(lines),
         pooled_validation=pooled_curve(lines, "val_accuracy", "val_num_examples"),
         steps_per_client=statistics.mean(steps.values()) if steps else 0.0,
-        hubs=hub_groups(cfg["federation"]),
+        hubs=hubs,
         install_gain=install_gains(trains),
-        adapter=adapter_trace(lines, hub_groups(cfg["federation"])),
+        adapter=adapter_trace(lines, hubs),
         path=path,
     )
 
@@ -234,34 +235,33 @@ def install_gains(trains: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def adapter_trace(lines: list[dict[str, Any]], hubs: Sequence[str]) -> dict[str, float]:
-    """What MergeNet's adapter did: over the targets outside ``hubs`` in the last transfer
-    round, the mean ``transfer_effect`` and share of attention to the hub groups
-    (``hub_attention``; ``uniform``: what an even spread over the source groups gives), and
-    the adapter's mean ``step_norm`` over its steps. Empty without a transfer round."""
+    """What MergeNet's adapter attended to: over the targets outside ``hubs`` in the last
+    transfer round, the mean share of attention to the hub groups (``hub_attention``;
+    ``uniform``: what an even spread over the source groups gives), and the adapter's mean
+    ``step_norm`` over its steps. Empty without hubs or attention (the transfer effect is
+    :func:`last_transfer_effect`'s)."""
     rounds = [
         x["server"] for x in lines if x.get("stage") == "train" and "targets" in x.get("server", {})
     ]
-    if not rounds:
-        return {}
     groups = {x["client"]: x["group"] for x in lines if "group" in x and "client" in x}
     stats = [
         layer
-        for client, layers in rounds[-1]["targets"].items()
+        for client, layers in (rounds[-1]["targets"].items() if rounds else ())
         if groups.get(client) not in hubs
         for layer in layers.values()
     ]
+    if not hubs or not stats or not all(x.get("attention") for x in stats):
+        return {}
     steps = [r["step_norm"] for r in rounds if "step_norm" in r]
-    out = {"transfer_effect": statistics.mean(x["transfer_effect"] for x in stats)}
-    if hubs and all(x.get("attention") for x in stats):
-        out["hub_attention"] = statistics.mean(
+    return {
+        "hub_attention": statistics.mean(
             sum(share for g, share in x["attention"].items() if g in hubs) for x in stats
-        )
-        out["uniform"] = statistics.mean(
+        ),
+        "uniform": statistics.mean(
             sum(g in hubs for g in x["attention"]) / len(x["attention"]) for x in stats
-        )
-    if steps:
-        out["step_norm"] = statistics.mean(steps)
-    return out
+        ),
+        "step_norm": statistics.mean(steps) if steps else math.nan,
+    }
 
 
 def last_transfer_effect(lines: list[dict[str, Any]]) -> dict[str, float]:
@@ -985,11 +985,14 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
             else ""
         )
         rows.append((f"{m}: data-poor clients", f"{100 * mean(m):.1f} %{on_global}", "–"))
-        if all("hub_attention" in r.adapter for r in t.by_method[m]):
+        if all(r.adapter for r in t.by_method[m]):
             trace = {
-                key: statistics.mean(r.adapter.get(key, math.nan) for r in t.by_method[m])
-                for key in ("transfer_effect", "hub_attention", "uniform", "step_norm")
+                key: statistics.mean(r.adapter[key] for r in t.by_method[m])
+                for key in ("hub_attention", "uniform", "step_norm")
             }
+            trace["transfer_effect"] = statistics.mean(
+                r.transfer_effect[g] for r in t.by_method[m] for g in poor
+            )
             rows.append(
                 (
                     f"{m}: the adapter (last round; steps: mean)",
