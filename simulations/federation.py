@@ -37,7 +37,7 @@ TEXT_MAX_LENGTH = 64
 QA_MAX_LENGTH = 192
 
 
-DATA_VERSION = 4  # bump when the way client data is built changes
+DATA_VERSION = 5  # bump when the way client data is built changes
 
 
 @dataclass(frozen=True)
@@ -385,12 +385,18 @@ def _partitions(cfg: ExperimentConfig, dataset: str, labels: np.ndarray) -> list
 
     Clients of a group with ``partition: iid`` (e.g. a data-rich hub among label-skewed
     clients) first draw their rows uniformly, each its example count; the federation's
-    partition (flwr-datasets) then splits the other rows among the other clients.
+    partition (flwr-datasets) then splits the other rows among the other clients. In an IID
+    federation only a client that asks for more rows than an even shard holds draws first
+    (the shard would silently cut it short); the others share even shards as before.
     """
     peers = cfg.peers(dataset)
     caps = [peer.examples or cfg.examples_per_client for peer in peers]
-    mixed = cfg.partition != "iid"  # an IID group among clients split otherwise
-    drawn = [i for i, peer in enumerate(peers) if mixed and peer.partition == "iid"]
+    shard = len(labels) // len(peers)
+    drawn = [
+        i
+        for i, peer in enumerate(peers)
+        if peer.partition == "iid" and (cfg.partition != "iid" or caps[i] > shard)
+    ]
     rest = np.arange(len(labels))
     parts: list[np.ndarray | None] = [None] * len(peers)
     if drawn:

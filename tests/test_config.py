@@ -226,5 +226,14 @@ def test_the_hub_draws_uniform_rows_and_the_poor_clients_split_the_rest_with_lab
     )
     got = _partitions(plain, "cifar10", labels)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    # an IID federation: the hub still gets its 10,000 rows (an even ninth holds 5,555)
+    iid = _partitions(compose("federation=hub federation.partition=iid"), "cifar10", labels)
+    assert len(iid[0]) == 10_000 and [len(p) for p in iid[1:]] == [200] * 8
+    assert len(np.unique(np.concatenate(iid))) == 10_000 + 8 * 200
+    # ... and one whose clients all fit an even shard splits as before
+    even = compose("federation=hub federation.partition=iid federation.clients.0.examples=200")
+    expected = data.partitions(labels, 9, "iid", seed=0, max_examples=[200] * 9)
+    got = _partitions(even, "cifar10", labels)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     with pytest.raises(ConfigError, match=r"clients\[0\].partition must be iid"):
         compose("federation=hub federation.clients.0.partition=dirichlet")
