@@ -96,6 +96,7 @@ class Run:
     # (rounds >= 2), on the clients' test rows ("") and on the global test ("_global")
     install_gain: dict[str, dict[str, float]] = field(default_factory=dict)
     adapter: dict[str, float] = field(default_factory=dict)  # adapter_trace
+    setting: str = ""  # hub_setting: how a hub federation's rows were dealt
     path: Path = field(repr=False, default=Path())
 
     def pooled_at(self, choice: str) -> float:
@@ -208,6 +209,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         hubs=hubs,
         install_gain=install_gains(trains),
         adapter=adapter_trace(lines, hubs),
+        setting=hub_setting(cfg["federation"], hubs),
         path=path,
     )
 
@@ -221,6 +223,32 @@ def hub_groups(federation: dict) -> tuple[str, ...]:
         for c in federation["clients"]
         if c.get("send_only") or (default and c.get("examples", default) > default)
     )
+
+
+def hub_setting(federation: dict, hubs: Sequence[str]) -> str:
+    """How a federation with ``hubs`` dealt its rows, in words: the other clients' rows each
+    and their partition, each hub's rows, and whether it is frozen (then how many batches a
+    round a method's own model on it, FML's or FedKD's, trains). Empty without hubs."""
+    if not hubs:
+        return ""
+    default = federation.get("examples_per_client")
+    scheme = federation["partition"]
+    dealt = f"Dirichlet {federation['alpha']}" if scheme == "dirichlet" else scheme.upper()
+    words = [f"the data-poor clients: {default} rows each, {dealt}"]
+    for c in federation["clients"]:
+        if c["group"] in hubs:
+            frozen = c.get("frozen")
+            words.append(
+                f"{c['group']}: {c.get('examples') or default} rows"
+                + (", frozen" if frozen else "")
+                + (", send-only" if c.get("send_only") else "")
+                + (
+                    f" (a method's own model on it trains {c['local_steps']} batches a round)"
+                    if frozen and c.get("local_steps")
+                    else ""
+                )
+            )
+    return "; ".join(words)
 
 
 def install_gains(trains: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -941,7 +969,7 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
         (m for m in t.by_method if m.startswith("MergeNet") and "source random" in m), None
     )
     field = [m for m in t.by_method if m in FIELD.values()]
-    rows = []
+    rows = [("the federation as run", t.by_method[LOCAL][0].setting, "–")]
     moving = [m for m in field if (d := diff(m, LOCAL)) is not None and d[0] - d[1] > 0]
     rows.append(
         (

@@ -65,6 +65,9 @@ def fake_run(
                 "dataset": "cifar10",
                 "layers": ["fc"],
                 "send_only": True,
+                "frozen": True,
+                "examples": 1000,
+                "local_steps": 20,
             }
         )
     cfg = {
@@ -82,6 +85,7 @@ def fake_run(
         "federation": {
             "clients": [{**c, "count": 2} for c in clients[:1]] + clients[1:],
             "examples_per_client": 100,
+            "partition": "dirichlet",
             "alpha": 0.1,
         },
         **top,
@@ -621,6 +625,11 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
         "effect 0.01, attention to the hub 0.600 (even spread 0.500), step norm 0.002 | – |"
     ) in text
     assert "## Targets (data-poor clients: r8; chance r8 20.0 %)" in text
+    assert (
+        "| the federation as run | the data-poor clients: 100 rows each, Dirichlet 0.1; hub: "
+        "1000 rows, frozen, send-only (a method's own model on it trains 20 batches a round) "
+        "| – |"
+    ) in text
     assert (
         "| a field method clears LocalOnly (interval above 0): the control works | FD +4.3" in text
     )
