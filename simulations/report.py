@@ -225,6 +225,12 @@ def hub_groups(federation: dict) -> tuple[str, ...]:
     )
 
 
+def partition_words(federation: dict) -> str:
+    """How a federation splits its rows among clients, in words: ``Dirichlet 0.1``, ``IID``."""
+    scheme = federation["partition"]
+    return f"Dirichlet {federation['alpha']}" if scheme == "dirichlet" else scheme.upper()
+
+
 def hub_setting(federation: dict, hubs: Sequence[str]) -> str:
     """How a federation with ``hubs`` dealt its rows, in words: the other clients' rows each
     and their partition, each hub's rows, and whether it is frozen (then how many batches a
@@ -232,9 +238,7 @@ def hub_setting(federation: dict, hubs: Sequence[str]) -> str:
     if not hubs:
         return ""
     default = federation.get("examples_per_client")
-    scheme = federation["partition"]
-    dealt = f"Dirichlet {federation['alpha']}" if scheme == "dirichlet" else scheme.upper()
-    words = [f"the data-poor clients: {default} rows each, {dealt}"]
+    words = [f"the data-poor clients: {default} rows each, {partition_words(federation)}"]
     for c in federation["clients"]:
         if c["group"] in hubs:
             frozen = c.get("frozen")
@@ -855,7 +859,7 @@ def regime(run: Run) -> str:
     per_round = f"{steps} batches of {cfg['batch_size']}" if steps else "local epochs"
     return (
         f"How far this is from HtFLlib's regime: here {clients} clients, "
-        f"{fed['examples_per_client']} training examples each (Dirichlet {fed['alpha']}), "
+        f"{fed['examples_per_client']} training examples each ({partition_words(fed)}), "
         f"{cfg['num_rounds']} rounds of {per_round}, architectures {', '.join(archs)}, "
         "2 CPU cores. HtFLlib's tables: 20 clients with all of "
         "CIFAR-10 between them (about 2,250 training images each), one epoch of batches of 10 "

@@ -410,6 +410,7 @@ def pooled_run(root, name, strategy, seed, rounds):
         "federation": {
             "clients": clients,
             "examples_per_client": 100,
+            "partition": "dirichlet",
             "alpha": 0.1,
             "split": "pooled",
         },
@@ -630,6 +631,7 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
         "1000 rows, frozen, send-only (a method's own model on it trains 20 batches a round) "
         "| – |"
     ) in text
+    assert report.partition_words({"partition": "iid", "alpha": 0.1}) == "IID"  # no alpha
     assert (
         "| a field method clears LocalOnly (interval above 0): the control works | FD +4.3" in text
     )
