@@ -1,10 +1,11 @@
 """How a client's model computes: its precision (fp32, or bf16 autocast) and memory layout.
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA devices that support
-it, and CPUs with AMX tiles. A CPU without them emulates bf16: on this project's AMD EPYC
-machines (AVX2, no AVX-512, 2026-12-03) a training step of the benchmark's CNNs took 7–17×
-longer in bf16 than in fp32 (``python -m simulations.bench_train``). ``precision="auto"``
-therefore checks the hardware, never assumes it.
+it, and CPUs with AMX tiles or AVX512-BF16 dot products. A CPU without them emulates bf16: on an
+AMD EPYC with AVX2 only (2026-12-03) a training step of the benchmark's CNNs took 7–17× longer
+in bf16 than in fp32; on one with AVX512-BF16 (2026-12-05) it took 1.2–2.3× less at batch 32
+(``python -m simulations.bench_train``). ``precision="auto"`` therefore checks the hardware,
+never assumes it.
 
 Channels-last (NHWC) lets oneDNN and cuDNN pick their fast convolution kernels; on the same
 CPU it trained the CNNs 1.2–1.7× faster in fp32. The model is channels-last only inside a
@@ -29,24 +30,26 @@ logger = logging.getLogger(__name__)
 __all__ = ["PRECISIONS", "Numerics", "bf16_is_fast"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
+# torch.cpu's feature probes, any of which means native bf16 arithmetic
+CPU_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 natively: CUDA with bf16 support, or a CPU with
-    AMX tiles (checked through PyTorch's own CPU feature probe)."""
+    """Whether ``device`` multiplies bf16 natively: CUDA with bf16 support, or a CPU with AMX
+    tiles or AVX512-BF16 instructions (checked through PyTorch's own CPU feature probes)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe()) if probe is not None else False
+        probes = [getattr(torch.cpu, name, None) for name in CPU_BF16_PROBES]
+        return any(bool(probe()) for probe in probes if probe is not None)
     return False
 
 
 @functools.cache  # keyed by device: once per process, not every message
 def _warn_emulated(device: str) -> None:
     logger.warning(
-        "precision=bf16 on %s, which has no native bf16 (no AMX tiles / CUDA bf16): emulated, "
-        "several times slower than fp32",
+        "precision=bf16 on %s, which has no native bf16 (no AMX / AVX512-BF16 / CUDA bf16): "
+        "emulated, several times slower than fp32",
         device,
     )
 

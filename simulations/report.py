@@ -66,6 +66,7 @@ HTFL_C10_DIR01 = {
 }
 GLOBAL_KEYS = tuple(f"global_{k}" for k in SCORE_KEYS)  # eval_split=local: the global test too
 TRANSFER_ONLY = "MergeNet (lpka, transfer only)"
+BF16 = ", bf16"  # the label's suffix for runs whose clients computed in bf16
 ABLATION_ORDER = ("lpka", "avg", "rows", "mlp")  # the paper's order, best first
 
 
@@ -126,7 +127,13 @@ def conf_defaults() -> dict[str, Any]:
 
 def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
     """The method of a run: strategy, adapter variant, and the settings that differ from
-    ``defaults`` (:func:`conf_defaults`)."""
+    ``defaults`` (:func:`conf_defaults`); then the clients' precision where it is not fp32
+    (``", bf16"``)."""
+    precision = cfg.get("precision", "fp32")
+    return _method(cfg, defaults) + ("" if precision == "fp32" else f", {precision}")
+
+
+def _method(cfg: dict, defaults: dict[str, Any]) -> str:
     strategy = cfg["strategy"]["name"]
     if strategy == "local":
         return LOCAL
@@ -535,6 +542,8 @@ def study_seconds(runs: list[Run]) -> float:
 def targets_section(runs: list[Run]) -> list[str]:
     """The issue's targets against what the runs measured (the federation that has both
     baselines and MergeNet (lpka))."""
+    if any(r.method.endswith(BF16) for r in runs):
+        return precision_targets(runs)
     tables = [Table.of(rs) for rs in by_federation(runs).values()]
     with_reference = [t for t in tables if LOCAL in t.by_method and reference_methods(t)[0]]
     if with_reference:
@@ -1055,6 +1064,46 @@ def hub_targets(t: Table, runs: list[Run]) -> list[str]:
     chances = ", ".join(f"{g} {100 * c:.1f} %" for g in poor if (c := t.chance(g)) is not None)
     title = f"## Targets (data-poor clients: {' + '.join(poor)}; chance {chances})"
     return _targets_table(title, rows, runs)
+
+
+def final_score(run: Run) -> float:
+    """HtFLlib's pooled accuracy at the final round where the run reports it, else the mean
+    over groups of the final main score."""
+    if run.pooled:
+        return run.pooled_at("final")
+    return statistics.mean(run.final[g][_main_metric(run, g)] for g in run.final)
+
+
+def precision_targets(runs: list[Run]) -> list[str]:
+    """Study ``precision``'s targets: per federation and method, the clients in bf16 against
+    the same method in fp32 at the same seeds (:func:`final_score`). ``precision=auto`` may
+    become the default only if no bf16 mean falls below fp32's by more than the seed noise
+    (fp32's standard deviation over seeds)."""
+    rows = []
+    for federation, fed_runs in sorted(by_federation(runs).items()):
+        t = Table.of(fed_runs)
+        chance = pooled_chance(t)
+        at_chance = "" if chance is None else f", chance {100 * chance:.1f} %"
+        for method in [m for m in t.by_method if f"{m}{BF16}" in t.by_method]:
+            full, half = t.by_method[method], t.by_method[f"{method}{BF16}"]
+            noise = _mean_std([final_score(r) for r in full])[1]
+            diff = paired_by(half, full, final_score)
+            speed = statistics.mean(r.seconds for r in full) / statistics.mean(
+                r.seconds for r in half
+            )
+            scores = ", ".join(
+                f"{name} {100 * statistics.mean(map(final_score, rs)):.1f} %"
+                for name, rs in (("fp32", full), ("bf16", half))
+            )
+            rows.append(
+                (
+                    f"{federation}: {method}, bf16 − fp32 ≥ −seed noise ({scores}{at_chance})",
+                    f"{interval_text(diff)}; seed noise {100 * noise:.1f} points; "
+                    f"run time fp32 / bf16 {speed:.2f}",
+                    _yes(diff is not None and diff[0] >= -noise),
+                )
+            )
+    return _targets_table("## Targets (bf16 against fp32, paired by seed)", rows, runs)
 
 
 def _targets_table(title: str, rows: list[tuple[str, str, str]], runs: list[Run]) -> list[str]:

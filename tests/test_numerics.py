@@ -110,11 +110,16 @@ def test_auto_takes_bf16_only_where_the_hardware_has_it(monkeypatch, precision, 
     assert Numerics.resolve(precision, True, torch.device("cpu")).precision == expected
 
 
-def test_the_cpu_probe_reads_pytorchs_amx_check(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert numerics.bf16_is_fast(torch.device("cpu"))
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert not numerics.bf16_is_fast(torch.device("cpu"))
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "fast"),
+    [(True, False, True), (False, True, True), (False, False, False)],
+)
+def test_the_cpu_probe_reads_pytorchs_amx_and_avx512_bf16_checks(
+    monkeypatch, amx, avx512_bf16, fast
+):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert numerics.bf16_is_fast(torch.device("cpu")) is fast
 
 
 def test_bad_precision_settings_are_refused_by_name():
