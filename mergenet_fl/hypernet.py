@@ -74,6 +74,12 @@ class HypernetConfig:
     or ``trimmed`` (``trim`` of the rows dropped at each end), times the number of rows, so
     that a minority of clients cannot steer the shared adapter; these cost one backward pass
     and one gradient-sized vector per replying target row.
+    ``update_rows``: the most target rows one adapter step backpropagates. A round whose
+    replying rows are more takes its step from a uniform sample of that many (seeded by the
+    adapter's seed and the round), its gradient scaled by replying rows / sample so that its
+    expectation is the full sum's (minibatch SGD over clients, as pFedHN steps per client);
+    ``None``: every row, always. Every merged factor is exact either way: only the step is
+    estimated, and only in rounds larger than this.
     ``diagnostics``: measure each target's ``transfer_effect`` and attention shares (one more
     adapter pass per batch of targets that has sources of its own group), when
     :meth:`Generation.measure` asks, or, in a round larger than one chunk, on the first
@@ -93,6 +99,7 @@ class HypernetConfig:
     self_transfer: bool = False
     group_targets: bool = False
     chunk_size: int = 64
+    update_rows: int | None = 256
     diagnostic_rows: int = 8
     device: str = "cpu"
     diagnostics: bool = True
@@ -119,6 +126,10 @@ class HypernetConfig:
             raise ValueError("HypernetConfig.weight_decay, warmup_steps, hold_steps must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"HypernetConfig.decay_steps must be >= 1, got {self.decay_steps}")
+        if self.update_rows is not None and self.update_rows < 1:
+            raise ValueError(
+                f"HypernetConfig.update_rows must be >= 1 or None, got {self.update_rows}"
+            )
         if self.chunk_size < 1 or self.diagnostic_rows < 1:
             raise ValueError(
                 "HypernetConfig.chunk_size and diagnostic_rows must be >= 1, got "
@@ -585,6 +596,7 @@ class Hypernetwork:
                 for k, zero in ((0, torch.zeros_like(job.a[0])), (1, torch.zeros_like(job.b[0])))
             )
             todo.append((j, replied, rows, grad_a.to(self.device), grad_b.to(self.device)))
+        todo, scale = self._sample(generation.round, todo)
         # Kept graphs in one call (jobs of one source set share their key projections), and
         # first, so that they are freed before a recomputed pass builds its own. A call
         # accumulates into .grad of the parameters its passes used, and only those.
@@ -618,6 +630,8 @@ class Hypernetwork:
             for p in params:
                 p.grad = None
             return {"pieces": 0, "grad_norm": 0.0}
+        if scale != 1.0:  # a sample's sum, scaled to estimate every row's
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         # the total norm is non-finite exactly when some gradient entry is
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
@@ -638,6 +652,30 @@ class Hypernetwork:
         log.debug("adapter step: %d pieces, gradient norm %.4g", used, norm)
         return {"pieces": float(used), "grad_norm": norm, "step_norm": step, "lr": lr}
 
+    def _sample(self, round: int, todo: list[tuple]) -> tuple[list[tuple], float]:
+        """``todo`` (job index, replied clients per row, replying rows, G_A, G_B) cut to at
+        most ``update_rows`` replying rows, drawn uniformly over the round's (the others' pieces
+        zeroed, their clients out of the count), and the factor that scales the sample's
+        gradient to an estimate of all of them: replying rows / sampled rows."""
+        total = sum(len(rows) for _, _, rows, *_ in todo)
+        limit = self.cfg.update_rows
+        if limit is None or total <= limit:
+            return todo, 1.0
+        seed = zlib.crc32(f"{self.cfg.adapter.seed}:{round}:update".encode())
+        drawn = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:limit]
+        keep, start, out = set(drawn.tolist()), 0, []
+        for j, replied, rows, grad_a, grad_b in todo:
+            mine = [r for k, r in enumerate(rows, start) if k in keep]
+            start += len(rows)
+            if not mine:
+                continue
+            mask = torch.zeros(len(replied), dtype=torch.bool, device=grad_a.device)
+            mask[mine] = True
+            replied = [cs if mask[i] else [] for i, cs in enumerate(replied)]
+            grad_a, grad_b = (g * mask.view(-1, 1, 1) for g in (grad_a, grad_b))
+            out.append((j, replied, mine, grad_a, grad_b))
+        return out, total / limit
+
     def _version(self) -> tuple[int, ...]:
         """Changes whenever a parameter is written in place (steps, loads) or one is added."""
         return tuple(p._version for p in self.params)
@@ -645,16 +683,21 @@ class Hypernetwork:
     def _passes(
         self, generation: Generation, j: int, rows: list[int]
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """``(chunk, A', B')`` with their graph for job ``j`` of ``generation``, a new pass
-        per chunk of :meth:`generate` that holds one of ``rows`` (the same chunks, so that a
-        reference adapter replays its dropout; lazily: one chunk's graph at a time)."""
+        """``(chunk, A', B')`` with their graph for ``rows`` of job ``j`` of ``generation``,
+        lazily: one chunk's graph at a time. A target's output does not depend on the others
+        in its pass, so the passes hold ``rows`` only, ``chunk_size`` at a time; the reference
+        adapter's are :meth:`generate`'s chunks that hold one of them (the same chunks
+        replay its dropout)."""
         job = generation.jobs[j]
         sources = job.sources.to(self.device)
-        wanted = set(rows)
-        keep = sum(len(other.members) for other in generation.jobs) <= self.cfg.chunk_size
-        for chunk in self._row_chunks(len(job.members), keep):
-            if wanted.isdisjoint(chunk):
-                continue
+        if self.full:
+            keep = sum(len(other.members) for other in generation.jobs) <= self.cfg.chunk_size
+            chunks = [
+                c for c in self._row_chunks(len(job.members), keep) if not set(rows).isdisjoint(c)
+            ]
+        else:
+            chunks = _chunks(sorted(rows), self.cfg.chunk_size)
+        for chunk in chunks:
             a, b = job.a[chunk].to(self.device), job.b[chunk].to(self.device)
             with self._replayable(generation.round, j, chunk[0]):
                 yield chunk, *self.adapter(a, b, sources)

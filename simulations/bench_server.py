@@ -5,6 +5,7 @@ Prints one JSON object per line. Each size runs in a fresh process so ``peak_mb`
     python -m simulations.bench_server                     # 10, 100, 1000 clients on CPU
     python -m simulations.bench_server --clients 100 --device cuda
     python -m simulations.bench_server --group-targets     # one target per architecture group
+    python -m simulations.bench_server --update-rows none  # the adapter's step from every target
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def run_one(
     seed: int,
     max_tokens: int | None,
     group_targets: bool,
+    update_rows: int | None,
 ) -> dict:
     device = torch.device(device_name)
     torch.manual_seed(seed)
     bank = make_bank(clients, rank, device, seed)
     adapter = AdapterConfig(rank=rank, seed=seed, max_source_tokens=max_tokens)
-    hn = Hypernetwork(HypernetConfig(adapter=adapter, group_targets=group_targets))
+    hn = Hypernetwork(
+        HypernetConfig(adapter=adapter, group_targets=group_targets, update_rows=update_rows)
+    )
     hn.adapter.to(device)
     targets = list(bank)
     # Warm-up round: registers the layer shapes and moves the adapter away from identity.
@@ -123,6 +127,7 @@ def run_one(
         "peak_mb": round(peak_mb, 1),
         "max_source_tokens": max_tokens,
         "group_targets": group_targets,
+        "update_rows": update_rows,
         "bytes_per_client": round(4 * up_down / clients),
         "bytes_full": round(4 * full / clients),
         "ratio": round(up_down / full, 4),
@@ -145,18 +150,30 @@ def main() -> None:
     parser.add_argument(
         "--group-targets", action="store_true", help="one target per group (share is on)"
     )
+    parser.add_argument(
+        "--update-rows",
+        default=str(HypernetConfig.update_rows),
+        help="most targets one adapter step backpropagates (a scaled sample); 'none': all",
+    )
     args = parser.parse_args()
     max_tokens = None if args.max_source_tokens.lower() == "none" else int(args.max_source_tokens)
+    update_rows = None if args.update_rows.lower() == "none" else int(args.update_rows)
     if len(args.clients) == 1:
         result = run_one(
-            args.clients[0], args.rank, args.device, args.seed, max_tokens, args.group_targets
+            args.clients[0],
+            args.rank,
+            args.device,
+            args.seed,
+            max_tokens,
+            args.group_targets,
+            update_rows,
         )
         print(json.dumps(result), flush=True)
         return
     for n in args.clients:
         cmd = [sys.executable, "-m", "simulations.bench_server", "--clients", str(n)]
         cmd += ["--rank", str(args.rank), "--device", args.device, "--seed", str(args.seed)]
-        cmd += ["--max-source-tokens", args.max_source_tokens]
+        cmd += ["--max-source-tokens", args.max_source_tokens, "--update-rows", args.update_rows]
         cmd += ["--group-targets"] if args.group_targets else []
         subprocess.run(cmd, check=True)
 

@@ -371,6 +371,8 @@ def test_hypernet_config_errors():
         HypernetConfig(lr=-1e-3)
     with pytest.raises(ValueError, match="chunk_size"):
         HypernetConfig(chunk_size=0)
+    with pytest.raises(ValueError, match="update_rows must be >= 1 or None"):
+        HypernetConfig(update_rows=0)
 
 
 def test_transfer_effect_is_zero_untrained_and_grows_as_the_adapter_learns():
@@ -578,3 +580,66 @@ def test_a_round_larger_than_a_chunk_measures_a_sample_of_each_job():
             full[cid]["fc"]["transfer_effect"], rel=1e-4
         )
         assert sample[cid]["fc"]["attention"] == pytest.approx(full[cid]["fc"]["attention"])
+
+
+def crowd(n: int, same: bool = False) -> KnowledgeBank:
+    """``n`` clients of one group with a ``(10, 32)`` layer: all the same factors when
+    ``same``."""
+    bank = KnowledgeBank()
+    for i in range(n):
+        bank.put(f"c{i}", packet({"fc": (10, 32)}, 0 if same else i), group="resnet", round=1)
+    return bank
+
+
+def moved_by_update(bank, pieces, round=2, **kwargs):
+    """The adapter's parameters' change from one SGD step (no clipping: linear in the
+    gradient) on ``pieces``, and the target factors each recomputed pass held."""
+    hn = twin_hypernetworks(**kwargs)[0]
+    before = [p.detach().clone() for p in hn.adapter.parameters()]
+    _, generation = hn.generate(bank, list(bank), round=round)
+    generation.measure()  # the diagnostics' own pass, before the update
+    held = []
+    hook = hn.adapter.register_forward_pre_hook(lambda module, args: held.append(args[0]))
+    stats = hn.update(generation, pieces)
+    hook.remove()
+    after = list(hn.adapter.parameters())
+    return [a.detach() - b for a, b in zip(after, before, strict=True)], held, stats, generation
+
+
+@pytest.mark.parametrize("chunk_size", [2, 64])  # recomputed passes; the generating graph
+def test_a_round_with_more_targets_than_update_rows_steps_on_a_scaled_sample(chunk_size):
+    """Equal rows: 3 of 8, scaled by 8/3, are the full sum, and only they are recomputed."""
+    bank = crowd(8, same=True)
+    one = {"fc": (torch.ones(10, 4) * 0.1, torch.ones(4, 32) * 0.1)}
+    pieces = {cid: one for cid in bank}
+    full, _, stats_full, _ = moved_by_update(bank, pieces, update_rows=None, chunk_size=chunk_size)
+    part, held, stats, _ = moved_by_update(bank, pieces, update_rows=3, chunk_size=chunk_size)
+    assert stats_full["pieces"] == 8 and stats["pieces"] == 3
+    # the other rows are not recomputed (none is, where the generating pass kept its graph)
+    assert sum(a.shape[0] for a in held) == (3 if chunk_size < 8 else 0)
+    for x, y in zip(part, full, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_the_sample_is_distinct_rows_drawn_by_round_and_its_step_is_theirs_scaled():
+    bank = crowd(8)
+    gen = torch.Generator().manual_seed(3)
+    pieces = {
+        cid: {"fc": (torch.randn(10, 4, generator=gen), torch.randn(4, 32, generator=gen))}
+        for cid in bank
+    }
+    samples = {}
+    for rnd in (2, 3):
+        part, held, _, generation = moved_by_update(bank, pieces, rnd, update_rows=3, chunk_size=2)
+        (job,) = generation.jobs
+        rows = [next(i for i, a in enumerate(job.a) if torch.equal(a, x)) for t in held for x in t]
+        assert len(set(rows)) == 3
+        samples[rnd] = [job.members[i][0] for i in rows]
+        # the same step as an exact update from the sampled clients alone, times 8/3
+        mine = {cid: pieces[cid] for cid in samples[rnd]}
+        alone, *_ = moved_by_update(bank, mine, rnd, update_rows=None, chunk_size=2)
+        for x, y in zip(part, alone, strict=True):
+            torch.testing.assert_close(x, y * 8 / 3, atol=1e-6, rtol=1e-4)
+        again, *_ = moved_by_update(bank, pieces, rnd, update_rows=3, chunk_size=2)
+        assert all(torch.equal(x, y) for x, y in zip(part, again, strict=True))  # seeded
+    assert set(samples[2]) != set(samples[3])  # a new sample each round
