@@ -3,6 +3,7 @@
     python -m simulations.bench_train                      # steps, then the federation
     python -m simulations.bench_train --part steps --archs cnn4 --batch-sizes 10
     python -m simulations.bench_train --part federation --rounds 6
+    python -m simulations.bench_train --part federation --precision fp32
 
 ``steps``: one line per (arch, batch size, precision, layout): ``images_per_s`` of the
 project's own training loop (:meth:`simulations.tasks.ImageClassificationTask.train`) on
@@ -37,7 +38,7 @@ from mergenet_fl.flower.runlog import read_lines
 from simulations.config import compose
 from simulations.federation import build_workload
 from simulations.models import build_model
-from simulations.numerics import Numerics, bf16_is_fast
+from simulations.numerics import PRECISIONS, Numerics, bf16_is_fast
 from simulations.run import simulate
 from simulations.tasks import TrainState, get_task, plan_batches
 
@@ -83,12 +84,13 @@ def steps_part(archs: list[str], batch_sizes: list[int], steps: int) -> None:
                     print(json.dumps({**line, "bf16_is_fast": fast, "threads": 1}), flush=True)
 
 
-def federation_overrides(federation: str, rounds: int) -> list[str]:
+def federation_overrides(federation: str, rounds: int, precision: str) -> list[str]:
     return [
         f"federation={federation}",
         "strategy=local",
         f"num_rounds={rounds}",
         f"evaluate_every={rounds}",
+        f"precision={precision}",
         "checkpoint=false",
     ]
 
@@ -178,8 +180,8 @@ def federated(overrides: list[str]) -> dict:
     return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
 
 
-def federation_part(federation: str, rounds: int) -> None:
-    overrides = federation_overrides(federation, rounds)
+def federation_part(federation: str, rounds: int, precision: str) -> None:
+    overrides = federation_overrides(federation, rounds, precision)
     cfg = compose(overrides)
     if cfg.local_steps is not None:
         raise SystemExit("the federation part counts whole local epochs (local_steps is set)")
@@ -219,11 +221,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed batches per combination")
     parser.add_argument("--rounds", type=int, default=6, help="federation rounds (2..N timed)")
     parser.add_argument("--federation", default="htfe4", help="an image federation of conf/")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="the federation part's clients'"
+    )
     args = parser.parse_args()
     if args.part in ("all", "steps"):
         steps_part(args.archs, args.batch_sizes, args.steps)
     if args.part in ("all", "federation"):
-        federation_part(args.federation, args.rounds)
+        federation_part(args.federation, args.rounds, args.precision)
 
 
 if __name__ == "__main__":

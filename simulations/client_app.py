@@ -235,6 +235,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             "label_counts": list(work.data.label_counts),
             mc.MERGENET_SECONDS: overhead,
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
+            "bf16": int(cfg.numerics().precision == "bf16"),  # what precision=auto chose here
         }
         reply = mc.answer(
             msg,

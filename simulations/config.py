@@ -152,7 +152,7 @@ class ExperimentConfig:
     local_steps: int | None = None  # batches per round instead of local_epochs
     evaluate_every: int = 1
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     channels_last: bool = True
     eval_batch_size: int = 256
     bn_calibration: bool = True
@@ -237,6 +237,7 @@ class ExperimentConfig:
             source=s.get("source", HypernetConfig.source),
             combine=s.get("combine", HypernetConfig.combine),
             trim=float(s.get("trim", HypernetConfig.trim)),
+            update_rows=s.get("update_rows", HypernetConfig.update_rows),
         )
 
     def build_strategy(self, on_round: RoundSink | None = None) -> PeerStrategy:
@@ -464,7 +465,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         )
     for key, default, choices in (
         ("device", "auto", DEVICES),
-        ("precision", "fp32", PRECISIONS),
+        ("precision", "auto", PRECISIONS),
         ("optimizer_state", "fresh", OPTIMIZER_STATES),
     ):
         need(
@@ -661,7 +662,7 @@ def from_dictconfig(cfg: DictConfig) -> ExperimentConfig:
         local_steps=raw.get("local_steps"),
         evaluate_every=int(raw.get("evaluate_every", 1)),
         device=str(raw.get("device", "auto")),
-        precision=str(raw.get("precision", "fp32")),
+        precision=str(raw.get("precision", "auto")),
         channels_last=bool(raw.get("channels_last", True)),
         eval_batch_size=int(raw.get("eval_batch_size", 256)),
         bn_calibration=bool(raw.get("bn_calibration", True)),

@@ -124,7 +124,7 @@ def build_workload(
         "seed": seed,
         "identity": str(client_identity(cfg, partition_id, client_id)),
         "optimizer": cfg.client_optimizer,
-        "pretrain": [spec.pretrain_epochs, cfg.batch_size, cfg.augment, cfg.precision],
+        "pretrain": [spec.pretrain_epochs, cfg.batch_size, cfg.augment, cfg.numerics().precision],
     }
 
     def build() -> Workload:

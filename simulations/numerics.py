@@ -3,7 +3,7 @@
 bf16 autocast pays only where the hardware multiplies bf16 natively: CUDA devices that support
 it, and CPUs with AMX tiles or AVX512-BF16 dot products. A CPU without them emulates bf16: on an
 AMD EPYC with AVX2 only (2026-12-03) a training step of the benchmark's CNNs took 7–17× longer
-in bf16 than in fp32; on one with AVX512-BF16 (2026-12-05) it took 1.2–2.3× less at batch 32
+in bf16 than in fp32; on one with AVX512-BF16 (2026-12-05), 1.0–1.8× less at batch 32
 (``python -m simulations.bench_train``). ``precision="auto"`` therefore checks the hardware,
 never assumes it.
 

@@ -98,6 +98,7 @@ class Run:
     install_gain: dict[str, dict[str, float]] = field(default_factory=dict)
     adapter: dict[str, float] = field(default_factory=dict)  # adapter_trace
     setting: str = ""  # hub_setting: how a hub federation's rows were dealt
+    bf16: bool = False  # the clients computed in bf16 (autocast)
     path: Path = field(repr=False, default=Path())
 
     def pooled_at(self, choice: str) -> float:
@@ -127,13 +128,7 @@ def conf_defaults() -> dict[str, Any]:
 
 def method_label(cfg: dict, defaults: dict[str, Any]) -> str:
     """The method of a run: strategy, adapter variant, and the settings that differ from
-    ``defaults`` (:func:`conf_defaults`); then the clients' precision where it is not fp32
-    (``", bf16"``)."""
-    precision = cfg.get("precision", "fp32")
-    return _method(cfg, defaults) + ("" if precision == "fp32" else f", {precision}")
-
-
-def _method(cfg: dict, defaults: dict[str, Any]) -> str:
+    ``defaults`` (:func:`conf_defaults`)."""
     strategy = cfg["strategy"]["name"]
     if strategy == "local":
         return LOCAL
@@ -183,6 +178,8 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
     if federation not in fedavg_cache:
         fedavg_cache[federation] = fedavg_bytes(cfg)
     trains = [x for x in lines if x.get("stage") == "train" and "train_seconds" in x]
+    # the clients' precision as they resolved it (runs from before replies said: as asked)
+    bf16 = cfg.get("precision") == "bf16" or any(x.get("bf16") for x in trains)
     hubs = hub_groups(cfg["federation"])
     steps: dict[str, float] = defaultdict(float)
     for x in trains:
@@ -217,6 +214,7 @@ def load_run(path: Path, fedavg_cache: dict[str, float], defaults: dict[str, Any
         install_gain=install_gains(trains),
         adapter=adapter_trace(lines, hubs),
         setting=hub_setting(cfg["federation"], hubs),
+        bf16=bf16,
         path=path,
     )
 
@@ -359,8 +357,13 @@ def by_federation(runs: list[Run]) -> dict[str, list[Run]]:
 def collect(study_dir: Path) -> list[Run]:
     cache: dict[str, float] = {}
     defaults = conf_defaults()
-    runs = [load_run(p.parent, cache, defaults) for p in sorted(study_dir.rglob("config.yaml"))]
-    return [r for r in runs if r is not None]
+    loaded = [load_run(p.parent, cache, defaults) for p in sorted(study_dir.rglob("config.yaml"))]
+    runs = [r for r in loaded if r is not None]
+    for fed_runs in by_federation(runs).values():
+        if len({r.bf16 for r in fed_runs}) > 1:  # bf16 against fp32: methods of their own
+            for run in fed_runs:
+                run.method += BF16 if run.bf16 else ""
+    return runs
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -542,7 +545,7 @@ def study_seconds(runs: list[Run]) -> float:
 def targets_section(runs: list[Run]) -> list[str]:
     """The issue's targets against what the runs measured (the federation that has both
     baselines and MergeNet (lpka))."""
-    if any(r.method.endswith(BF16) for r in runs):
+    if any(r.method.endswith(BF16) for r in runs):  # a federation mixes precisions
         return precision_targets(runs)
     tables = [Table.of(rs) for rs in by_federation(runs).values()]
     with_reference = [t for t in tables if LOCAL in t.by_method and reference_methods(t)[0]]
@@ -1195,6 +1198,10 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
             "each client's own test rows (`federation.split=pooled`: its share of the dataset's "
             "train and test rows pooled, cut at random into its train, validation and test rows)"
         )
+    computed = {
+        frozenset({False}): "fp32",
+        frozenset({True}): "bf16 (autocast)",
+    }.get(frozenset(r.bf16 for r in runs), "fp32, and bf16 (autocast) where a method says so")
     lines = [
         f"# {title}",
         "",
@@ -1206,7 +1213,7 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
         "Bytes per round are all clients' messages, down and up, averaged over rounds; "
         "'vs FedAvg full' compares with FedAvg sending every client's whole model both ways. "
         "Client overhead is MergeNet's client-side time (install, packet, gradient pieces) "
-        "over local training time.",
+        f"over local training time. Clients computed in {computed}.",
         "",
         *(targets_section(runs) if on_test else []),
         *pooled_section(runs, stems),

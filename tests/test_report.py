@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -647,3 +648,53 @@ def test_hub_study_scores_the_data_poor_clients_and_the_hub_apart(tmp_path):
     )
     assert "| LocalOnly: data-poor clients | 30.0 %, global test 20.0 % | – |" in text
     assert "| the hub (hub), apart | 70.0 % | – |" in text
+
+
+def test_precision_study_pairs_bf16_with_fp32_against_the_seed_noise(tmp_path):
+    study = tmp_path / "study"
+    finals = {  # r8's final accuracy per seed
+        ("local", "fp32"): (0.50, 0.60, 0.55),  # seed noise: 5 points
+        ("local", "bf16"): (0.49, 0.61, 0.53),  # -1, +1, -2: within it
+        ("mergenet", "fp32"): (0.50, 0.52, 0.51),  # seed noise: 1 point
+        ("mergenet", "bf16"): (0.45, 0.47, 0.46),  # -5 every seed: beyond it
+    }
+    for (strategy, precision), scores in finals.items():
+        for seed, final in enumerate(scores):
+            fake_run(
+                study,
+                f"{strategy}-{precision}-{seed}",
+                strategy,
+                seed,
+                [0.1, final],
+                share="none",
+                chance=0.2,
+                precision=precision,
+            )
+    # a run whose clients resolved precision=auto to bf16 says so in its replies
+    auto = study / "mergenet-bf16-2"
+    (auto / "config.yaml").write_text(
+        (auto / "config.yaml").read_text().replace("precision: bf16", "precision: auto")
+    )
+    lines = [json.loads(x) for x in (auto / "metrics.jsonl").read_text().splitlines()]
+    lines = [{**x, "bf16": 1} if x["stage"] == "train" else x for x in lines]
+    (auto / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = report_text(study, tmp_path / "results-precision.md")
+    assert "## Targets (bf16 against fp32, paired by seed)" in text
+    assert "Clients computed in fp32, and bf16 (autocast) where a method says so." in text
+    assert (
+        "| r8: LocalOnly, bf16 − fp32 ≥ −seed noise (fp32 55.0 %, bf16 54.3 %, chance 20.0 %) "
+        "| -0.7 points [-4.5, +3.1] (95 %, 3 seeds); seed noise 5.0 points; "
+        "run time fp32 / bf16 1.00 | yes |"
+    ) in text
+    assert (
+        "| r8: MergeNet (lpka, transfer only), bf16 − fp32 ≥ −seed noise (fp32 51.0 %, "
+        "bf16 46.0 %, chance 20.0 %) | -5.0 points"
+    ) in text
+    assert "seed noise 1.0 points; run time fp32 / bf16 1.00 | **no** |" in text
+    assert "| LocalOnly, bf16 | 3 |" in text  # the method's label names its precision
+    # a study in one precision keeps the plain labels (its header names the precision)
+    for run in study.glob("*-fp32-*"):
+        shutil.rmtree(run)
+    text = report_text(study, tmp_path / "results-bf16.md")
+    assert "Clients computed in bf16 (autocast)." in text and "| LocalOnly | 3 |" in text
+    assert "bf16 against fp32" not in text
