@@ -692,8 +692,9 @@ class Hypernetwork:
         sources = job.sources.to(self.device)
         if self.full:
             keep = sum(len(other.members) for other in generation.jobs) <= self.cfg.chunk_size
+            wanted = set(rows)
             chunks = [
-                c for c in self._row_chunks(len(job.members), keep) if not set(rows).isdisjoint(c)
+                c for c in self._row_chunks(len(job.members), keep) if not wanted.isdisjoint(c)
             ]
         else:
             chunks = _chunks(sorted(rows), self.cfg.chunk_size)

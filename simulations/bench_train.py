@@ -222,7 +222,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="federation rounds (2..N timed)")
     parser.add_argument("--federation", default="htfe4", help="an image federation of conf/")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="the federation part's clients'"
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the federation part's clients' precision",
     )
     args = parser.parse_args()
     if args.part in ("all", "steps"):
