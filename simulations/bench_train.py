@@ -2,7 +2,7 @@
 
     python -m simulations.bench_train                      # steps, then the federation
     python -m simulations.bench_train --part steps --archs cnn4 --batch-sizes 10
-    python -m simulations.bench_train --part federation --rounds 6
+    python -m simulations.bench_train --part federation --rounds 6 --repeats 5
     python -m simulations.bench_train --part federation --precision fp32
 
 ``steps``: one line per (arch, batch size, precision, layout): ``images_per_s`` of the
@@ -14,9 +14,12 @@ so that the ratios are stable. ``bf16_is_fast`` says whether this machine has na
 any federation of image classifiers with ``--federation``; LocalOnly,
 evaluated only after the last round) on Flower's simulation engine, against a plain PyTorch
 loop over the same clients and the same batches (same data, augmentation, optimiser, numerics)
-in as many one-thread processes as the simulation runs clients at once. Both count rounds 2
-to N (round 1 carries the start of Ray's workers); ``ratio`` is the federation's throughput
-over the plain loop's.
+in as many one-thread processes as the simulation runs clients at once, its rounds
+synchronous like the federation's (a round ends when its last client has trained). Both count
+rounds 2 to N (round 1 carries the start of Ray's workers). The two alternate ``--repeats``
+times, since this machine's speed drifts by several per cent from one minute to the next:
+the throughputs are medians, ``ratio`` the median of the paired federation / plain ratios and
+``ratios`` every one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -95,9 +99,9 @@ def federation_overrides(federation: str, rounds: int, precision: str) -> list[s
     ]
 
 
-def _plain_worker(overrides: list[str], partitions: list[int], rounds: int, queue) -> None:
-    """Train ``partitions`` for rounds 1..``rounds`` as a plain loop; put (images, seconds)
-    of rounds 2..N on ``queue``."""
+def _plain_worker(overrides: list[str], partitions: list[int], rounds: int, queue, barrier) -> None:
+    """Train ``partitions`` for rounds 1..``rounds`` as a plain loop, each round ending at
+    ``barrier``; put (images, seconds) of rounds 2..N on ``queue``."""
     torch.set_num_threads(1)
     cfg = compose(overrides)
     numerics = cfg.numerics()
@@ -133,17 +137,18 @@ def _plain_worker(overrides: list[str], partitions: list[int], rounds: int, queu
                     optimizer.step()
                     images += len(y) if server_round > 1 else 0
                 state.optimizer = optimizer.state_dict()
+        barrier.wait()
     queue.put((images, time.perf_counter() - start))
 
 
 def plain_loop(overrides: list[str], num_clients: int, workers: int, rounds: int) -> dict:
     """The plain loop's throughput in ``workers`` processes, clients dealt round-robin."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, barrier = ctx.Queue(), ctx.Barrier(workers)
     procs = [
         ctx.Process(
             target=_plain_worker,
-            args=(overrides, list(range(w, num_clients, workers)), rounds, queue),
+            args=(overrides, list(range(w, num_clients, workers)), rounds, queue, barrier),
         )
         for w in range(workers)
     ]
@@ -180,7 +185,7 @@ def federated(overrides: list[str]) -> dict:
     return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
 
 
-def federation_part(federation: str, rounds: int, precision: str) -> None:
+def federation_part(federation: str, rounds: int, precision: str, repeats: int) -> None:
     overrides = federation_overrides(federation, rounds, precision)
     cfg = compose(overrides)
     if cfg.local_steps is not None:
@@ -188,8 +193,12 @@ def federation_part(federation: str, rounds: int, precision: str) -> None:
     if any(c.task != "image_classification" for c in cfg.clients):
         raise SystemExit(f"the plain loop trains image classifiers; {federation} has others")
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
-    fed = federated(overrides)
-    plain = plain_loop(overrides, cfg.num_clients, workers, rounds)
+    pairs = []
+    for _ in range(repeats):
+        pairs.append(
+            (federated(overrides), plain_loop(overrides, cfg.num_clients, workers, rounds))
+        )
+    fed, plain = (statistics.median(x[i]["images_per_s"] for x in pairs) for i in (0, 1))
     print(
         json.dumps(
             {
@@ -197,16 +206,18 @@ def federation_part(federation: str, rounds: int, precision: str) -> None:
                 "federation": federation,
                 "clients": cfg.num_clients,
                 "rounds_measured": rounds - 1,
+                "repeats": repeats,
                 "workers": workers,
                 "precision": cfg.numerics().precision,
                 "channels_last": cfg.channels_last,
-                "federation_images_per_s": round(fed["images_per_s"], 1),
-                "federation_seconds": fed["seconds"],
-                "plain_images_per_s": round(plain["images_per_s"], 1),
-                "plain_seconds": plain["seconds"],
-                "images": fed["images"],
-                "plain_images": plain["images"],
-                "ratio": round(fed["images_per_s"] / plain["images_per_s"], 3),
+                "federation_images_per_s": round(fed, 1),
+                "plain_images_per_s": round(plain, 1),
+                "images": pairs[0][0]["images"],
+                "plain_images": pairs[0][1]["images"],
+                "ratio": round(
+                    statistics.median(f["images_per_s"] / p["images_per_s"] for f, p in pairs), 3
+                ),
+                "ratios": [round(f["images_per_s"] / p["images_per_s"], 3) for f, p in pairs],
             }
         ),
         flush=True,
@@ -222,6 +233,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="federation rounds (2..N timed)")
     parser.add_argument("--federation", default="htfe4", help="an image federation of conf/")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="federation and plain loop runs, alternating"
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -231,7 +245,7 @@ def main() -> None:
     if args.part in ("all", "steps"):
         steps_part(args.archs, args.batch_sizes, args.steps)
     if args.part in ("all", "federation"):
-        federation_part(args.federation, args.rounds, args.precision)
+        federation_part(args.federation, args.rounds, args.precision, args.repeats)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,9 +141,40 @@ def embed(cfg: ExperimentConfig, work: Workload) -> Iterator[tuple[torch.Tensor,
     )
 
 
+class FederationClientApp(ClientApp):
+    """A ClientApp that pickles as its recipe, ``make_client_app(config_for)``.
+
+    Flower's simulation engine sends the ClientApp to a Ray actor with every message; pickled
+    as it stands, its handlers (closures) cost 2.6 ms of the driver's CPU a message, as its
+    recipe 0.04 ms (with a picklable ``config_for``: :class:`FixedConfig`, :func:`config_from_run`).
+    """
+
+    def __init__(self, config_for: Callable[[Context], ExperimentConfig]) -> None:
+        super().__init__()
+        self.config_for = config_for
+
+    def __reduce__(self) -> tuple:
+        return make_client_app, (self.config_for,)
+
+
+@dataclass(frozen=True)
+class FixedConfig:
+    """``config_for`` of a run whose config is known before it starts (a study's run)."""
+
+    cfg: ExperimentConfig
+
+    def __call__(self, context: Context) -> ExperimentConfig:
+        return self.cfg
+
+
+def config_from_run(context: Context) -> ExperimentConfig:
+    """``config_for`` of ``flwr run``: the run config's Hydra ``overrides``."""
+    return compose_cached(str(context.run_config.get("overrides", "")))
+
+
 def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> ClientApp:
     """A ClientApp whose config comes from ``config_for(context)``."""
-    app = ClientApp()
+    app = FederationClientApp(config_for)
 
     def node(context: Context) -> tuple[int, str | None]:
         client_id = context.node_config.get("client-id")
@@ -178,8 +210,6 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             mc.load_local_model(context, module, key=f"{EXTENSION_KEY}.{name}")
         unsent = probe_scores(cfg, work) if cfg.probe_install else {}
         start = time.perf_counter()
-        if cfg.optimizer_state == "fresh":  # a new optimiser every round, as HtFLlib and Flower
-            work.train_state.optimizer = None
         modules = [work.model, *extension.modules().values()]
         before = _values(modules) if work.train_state.optimizer is not None else {}
         mc.load_group(msg, work.model)
@@ -217,6 +247,8 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
                 installed=installed,
                 after_step=extension.after_step,
             )
+        if cfg.optimizer_state == "fresh":  # a new optimiser every round, as HtFLlib and Flower:
+            work.train_state.optimizer = None  # nothing of this one to keep or to carry
         work.model.cpu()  # factors and replies are built on the CPU
         start = time.perf_counter()
         records = extension.end(msg, work.model, lambda: embed(cfg, work))
@@ -283,4 +315,4 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
     return app
 
 
-app = make_client_app(lambda context: compose_cached(str(context.run_config.get("overrides", ""))))
+app = make_client_app(config_from_run)

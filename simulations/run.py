@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mergenet_fl.flower.base import NotEnoughNodes
-from simulations.client_app import make_client_app
+from simulations.client_app import FixedConfig, make_client_app
 from simulations.config import ConfigError, ExperimentConfig, from_dictconfig
 from simulations.preflight import preflight
 from simulations.server_app import RunFailed, make_server_app, setup_logging
@@ -56,7 +56,7 @@ def simulate(exp: ExperimentConfig, run_dir: Path) -> dict:
     """Run ``exp`` on Flower's simulation engine into ``run_dir``; return its ``run.json``."""
     run_simulation(
         server_app=make_server_app(lambda context: (exp, run_dir)),
-        client_app=make_client_app(lambda context: exp),
+        client_app=make_client_app(FixedConfig(exp)),
         num_supernodes=exp.num_clients,
         backend_config={
             "client_resources": {"num_cpus": exp.client_cpus, "num_gpus": exp.client_gpus}

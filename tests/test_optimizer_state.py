@@ -3,9 +3,15 @@ server installed."""
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
 from harness import FakeGrid, app_nodes, set_task_identity
-from simulations.client_app import make_client_app
+from simulations.client_app import (
+    TRAIN_STATE_KEY,
+    FixedConfig,
+    _decode_train_state,
+    make_client_app,
+)
 from simulations.config import ConfigError, compose
 from simulations.server_app import run_server
 from simulations.tasks import ImageClassificationTask, TrainState, get_task
@@ -98,6 +104,33 @@ def test_the_client_drops_momentum_of_what_the_group_average_replaced(tmp_path, 
         and "fc.weight" in installed[1]
         and "conv1.weight" in installed[1]
     )
+
+
+@pytest.mark.parametrize("mode", ["fresh", "kept"])
+def test_only_a_kept_optimiser_state_stays_in_the_nodes_context(tmp_path, mode):
+    """A fresh optimiser is dropped after its round: none of its momentum travels with the
+    node's context (Flower's simulation ships that context with every message)."""
+    set_task_identity()
+    cfg = compose(
+        ["federation=tiny_htfe", "federation.clients.1.arch=convnet5", "strategy=local"]
+        + ["federation.examples_per_client=16", "federation.test_examples=16"]
+        + ["num_rounds=1", "local_steps=1", "evaluate_every=1", f"optimizer_state={mode}"]
+    )
+    app = make_client_app(FixedConfig(cfg))
+    contexts = [
+        Context(
+            run_id=1,
+            node_id=pid,
+            node_config={"partition-id": pid, "num-partitions": cfg.num_clients},
+            state=RecordDict(),
+            run_config={},
+        )
+        for pid in range(cfg.num_clients)
+    ]
+    run_server(FakeGrid([lambda msg, c=c: app(msg, c) for c in contexts]), cfg, tmp_path)
+    for context in contexts:
+        saved = _decode_train_state(dict(context.state.config_records[TRAIN_STATE_KEY]))
+        assert (saved.optimizer is None) == (mode == "fresh")
 
 
 def test_an_unknown_optimizer_state_is_refused():

@@ -172,6 +172,24 @@ def test_evaluation_seconds_count_the_batchnorm_re_estimation(tmp_path, monkeypa
     assert all(x["client_seconds"] >= x["eval_seconds"] for x in evaluated)
 
 
+def test_the_client_app_travels_as_its_recipe_and_runs_after_the_trip(tmp_path):
+    """Flower's simulation pickles the ClientApp with every message it sends to a Ray actor:
+    it goes as ``make_client_app(config_for)``, not as its handlers' code."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from simulations.client_app import FixedConfig
+
+    set_task_identity()
+    cfg = compose("federation=tiny num_rounds=1 strategy=local")
+    data = cloudpickle.dumps(make_client_app(FixedConfig(cfg)))
+    assert len(data) < 2 * len(cloudpickle.dumps(FixedConfig(cfg)))  # no code, mostly config
+    app = pickle.loads(data)
+    run_server(FakeGrid(app_nodes(app, cfg.num_clients)), cfg, tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "ok"
+
+
 def test_a_process_reloads_a_client_only_when_another_process_wrote_its_state():
     from flwr.app import ConfigRecord, Context, RecordDict
 
