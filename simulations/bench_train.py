@@ -193,11 +193,10 @@ def federation_part(federation: str, rounds: int, precision: str, repeats: int) 
     if any(c.task != "image_classification" for c in cfg.clients):
         raise SystemExit(f"the plain loop trains image classifiers; {federation} has others")
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
-    pairs = []
-    for _ in range(repeats):
-        pairs.append(
-            (federated(overrides), plain_loop(overrides, cfg.num_clients, workers, rounds))
-        )
+    pairs = [
+        (federated(overrides), plain_loop(overrides, cfg.num_clients, workers, rounds))
+        for _ in range(repeats)
+    ]
     fed, plain = (statistics.median(x[i]["images_per_s"] for x in pairs) for i in (0, 1))
     print(
         json.dumps(
@@ -242,6 +241,8 @@ def main() -> None:
         help="the federation part's clients' precision",
     )
     args = parser.parse_args()
+    if args.rounds < 2 or args.repeats < 1:  # round 1 is not timed
+        parser.error(f"--rounds must be >= 2 and --repeats >= 1, got {args.rounds}, {args.repeats}")
     if args.part in ("all", "steps"):
         steps_part(args.archs, args.batch_sizes, args.steps)
     if args.part in ("all", "federation"):

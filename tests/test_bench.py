@@ -92,3 +92,14 @@ def test_training_benchmark_runs_the_federation_and_the_plain_loop_on_the_same_i
     assert result["federation_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["repeats"] == 2 and len(result["ratios"]) == 2
     assert result["ratio"] == pytest.approx(sum(result["ratios"]) / 2, abs=0.002)  # their median
+
+
+def test_training_benchmark_refuses_an_untimed_federation_before_any_work():
+    for bad in (["--rounds", "1"], ["--repeats", "0"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "simulations.bench_train", "--part", "federation", *bad],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and "--rounds must be >= 2 and --repeats >= 1" in proc.stderr
