@@ -147,6 +147,8 @@ class FederationClientApp(ClientApp):
     Flower's simulation engine sends the ClientApp to a Ray actor with every message; pickled
     as it stands, its handlers (closures) cost 2.6 ms of the driver's CPU a message, as its
     recipe 0.04 ms (with a picklable ``config_for``: :class:`FixedConfig`, :func:`config_from_run`).
+    The recipe is all that travels: handlers or mods added to the app after
+    :func:`make_client_app` returned it would not reach the actors.
     """
 
     def __init__(self, config_for: Callable[[Context], ExperimentConfig]) -> None:
