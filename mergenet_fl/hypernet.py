@@ -669,9 +669,10 @@ class Hypernetwork:
             start += len(rows)
             if not mine:
                 continue
+            chosen = set(mine)
+            replied = [cs if i in chosen else [] for i, cs in enumerate(replied)]
             mask = torch.zeros(len(replied), dtype=torch.bool, device=grad_a.device)
             mask[mine] = True
-            replied = [cs if mask[i] else [] for i, cs in enumerate(replied)]
             grad_a, grad_b = (g * mask.view(-1, 1, 1) for g in (grad_a, grad_b))
             out.append((j, replied, mine, grad_a, grad_b))
         return out, total / limit

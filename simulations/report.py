@@ -1198,10 +1198,10 @@ def write_report(study_dir: Path, dest: Path, *, title: str, command: str) -> Pa
             "each client's own test rows (`federation.split=pooled`: its share of the dataset's "
             "train and test rows pooled, cut at random into its train, validation and test rows)"
         )
-    computed = {
-        frozenset({False}): "fp32",
-        frozenset({True}): "bf16 (autocast)",
-    }.get(frozenset(r.bf16 for r in runs), "fp32, and bf16 (autocast) where a method says so")
+    precisions = {r.bf16 for r in runs}
+    computed = "fp32, and bf16 (autocast) where a method says so"
+    if len(precisions) == 1:
+        computed = "bf16 (autocast)" if precisions.pop() else "fp32"
     lines = [
         f"# {title}",
         "",
