@@ -233,6 +233,7 @@ def test_report_checks_the_targets(tmp_path):
     assert "| MergeNet (lpka) ≥ LocalOnly + 2 points, image groups | +7.0 points | yes |" in text
     assert "| MergeNet (lpka) ≥ GroupFedAvg + 1 point, image groups | +4.0 points | yes |" in text
     assert "| none worse | yes |" in text
+    assert "Clients computed in fp32." in text  # no run says bf16
     assert "lpka 28.0, avg 27.0, rows 25.0, mlp 26.0 | **no** |" in text
     assert "| 2.0 % | yes |" in text
     # 800 bytes per round against two ResNet-8s sent both ways in float32
