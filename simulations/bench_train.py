@@ -4,6 +4,7 @@
     python -m simulations.bench_train --part steps --archs cnn4 --batch-sizes 10
     python -m simulations.bench_train --part federation --rounds 6 --repeats 5
     python -m simulations.bench_train --part federation --precision fp32
+    python -m simulations.bench_train --part federation --examples-per-client 3000
 
 ``steps``: one line per (arch, batch size, precision, layout): ``images_per_s`` of the
 project's own training loop (:meth:`simulations.tasks.ImageClassificationTask.train`) on
@@ -19,7 +20,10 @@ synchronous like the federation's (a round ends when its last client has trained
 rounds 2 to N (round 1 carries the start of Ray's workers). The two alternate ``--repeats``
 times, since this machine's speed drifts by several per cent from one minute to the next:
 the throughputs are medians, ``ratio`` the median of the paired federation / plain ratios and
-``ratios`` every one.
+``ratios`` every one. ``federation_rounds`` says where the federation's workers waited
+(:func:`idle_breakdown`, medians over the timed rounds). ``--examples-per-client`` caps each
+client's share of the data at another number than the federation's, and so sets how much
+training a message carries against Flower's fixed costs per message and per round.
 """
 
 from __future__ import annotations
@@ -88,7 +92,10 @@ def steps_part(archs: list[str], batch_sizes: list[int], steps: int) -> None:
                     print(json.dumps({**line, "bf16_is_fast": fast, "threads": 1}), flush=True)
 
 
-def federation_overrides(federation: str, rounds: int, precision: str) -> list[str]:
+def federation_overrides(
+    federation: str, rounds: int, precision: str, examples: int | None = None
+) -> list[str]:
+    """The federation part's run; ``examples`` per client instead of the federation's own."""
     return [
         f"federation={federation}",
         "strategy=local",
@@ -96,6 +103,7 @@ def federation_overrides(federation: str, rounds: int, precision: str) -> list[s
         f"evaluate_every={rounds}",
         f"precision={precision}",
         "checkpoint=false",
+        *([f"federation.examples_per_client={examples}"] if examples else []),
     ]
 
 
@@ -162,31 +170,58 @@ def plain_loop(overrides: list[str], num_clients: int, workers: int, rounds: int
     return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
 
 
-def federated(overrides: list[str]) -> dict:
+def federated(overrides: list[str], workers: int) -> dict:
     """Throughput of the same run on Flower's simulation engine: training images of rounds
-    2..N over the wall time from the end of round 1's training to the end of round N's."""
+    2..N over the wall time from the end of round 1's training to the end of round N's; and
+    where its ``workers`` waited (:func:`idle_breakdown`)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose([*overrides, f"output_dir={tmp}"])
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
         simulate(cfg, run_dir)
         lines = read_lines(run_dir)
-    ends = {
-        line["round"]: line["server"]["stage_end"]
+    stages = {
+        line["round"]: line["server"]
         for line in lines
         if "server" in line and line.get("stage") == "train"
     }
-    seconds = ends[cfg.num_rounds] - ends[1]
+    seconds = stages[cfg.num_rounds]["stage_end"] - stages[1]["stage_end"]
+    trains = [line for line in lines if line.get("stage") == "train" and "group" in line]
     images = cfg.local_epochs * sum(  # every epoch visits each client's every row
-        line[NUM_EXAMPLES]
-        for line in lines
-        if line.get("stage") == "train" and "group" in line and line["round"] > 1
+        line[NUM_EXAMPLES] for line in trains if line["round"] > 1
     )
-    return {"images": images, "seconds": round(seconds, 3), "images_per_s": images / seconds}
+    return {
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": images / seconds,
+        "rounds": [
+            idle_breakdown(stages[r], [x for x in trains if x["round"] == r], workers)
+            for r in range(2, cfg.num_rounds + 1)
+        ],
+    }
 
 
-def federation_part(federation: str, rounds: int, precision: str, repeats: int) -> None:
-    overrides = federation_overrides(federation, rounds, precision)
+def idle_breakdown(stage: dict, replies: list[dict], workers: int) -> dict:
+    """Where one training stage's ``workers`` waited, from its run log: the stage's wall time,
+    the share of ``workers`` × wall time in which no ClientApp ran (``idle``), from the stage's
+    start to the first ClientApp's (``to_first_ms``: Flower's queue, Ray's hand-over) and from
+    the last ClientApp's end to the stage's (``after_last_ms``: the reply's way back). The
+    rest of ``idle`` lies between one message and the next on a worker, and in the workers'
+    uneven ends."""
+    wall = stage["stage_end"] - stage["stage_start"]
+    busy = sum(x["client_seconds"] for x in replies)
+    return {
+        "wall_ms": 1000 * wall,
+        "idle": 1 - busy / (workers * wall),
+        "to_first_ms": 1000 * (min(x["started_at"] for x in replies) - stage["stage_start"]),
+        "after_last_ms": 1000 * (stage["stage_end"] - max(x["ended_at"] for x in replies)),
+    }
+
+
+def federation_part(
+    federation: str, rounds: int, precision: str, repeats: int, examples: int | None
+) -> None:
+    overrides = federation_overrides(federation, rounds, precision, examples)
     cfg = compose(overrides)
     if cfg.local_steps is not None:
         raise SystemExit("the federation part counts whole local epochs (local_steps is set)")
@@ -194,9 +229,10 @@ def federation_part(federation: str, rounds: int, precision: str, repeats: int) 
         raise SystemExit(f"the plain loop trains image classifiers; {federation} has others")
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
     pairs = [
-        (federated(overrides), plain_loop(overrides, cfg.num_clients, workers, rounds))
+        (federated(overrides, workers), plain_loop(overrides, cfg.num_clients, workers, rounds))
         for _ in range(repeats)
     ]
+    rounds_timed = [r for fed, _ in pairs for r in fed["rounds"]]
     fed, plain = (statistics.median(x[i]["images_per_s"] for x in pairs) for i in (0, 1))
     print(
         json.dumps(
@@ -204,6 +240,7 @@ def federation_part(federation: str, rounds: int, precision: str, repeats: int) 
                 "part": "federation",
                 "federation": federation,
                 "clients": cfg.num_clients,
+                "examples_per_client": cfg.examples_per_client,
                 "rounds_measured": rounds - 1,
                 "repeats": repeats,
                 "workers": workers,
@@ -217,6 +254,10 @@ def federation_part(federation: str, rounds: int, precision: str, repeats: int) 
                     statistics.median(f["images_per_s"] / p["images_per_s"] for f, p in pairs), 3
                 ),
                 "ratios": [round(f["images_per_s"] / p["images_per_s"], 3) for f, p in pairs],
+                "federation_rounds": {  # medians over every timed round of every repeat
+                    key: round(statistics.median(r[key] for r in rounds_timed), 3)
+                    for key in ("wall_ms", "idle", "to_first_ms", "after_last_ms")
+                },
             }
         ),
         flush=True,
@@ -235,6 +276,12 @@ def main() -> None:
         "--repeats", type=int, default=3, help="federation and plain loop runs, alternating"
     )
     parser.add_argument(
+        "--examples-per-client",
+        type=int,
+        help="federation.examples_per_client, the cap on each client's share of the data, "
+        "instead of the federation's own: more training in a message",
+    )
+    parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
@@ -243,10 +290,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2 or args.repeats < 1:  # round 1 is not timed
         parser.error(f"--rounds must be >= 2 and --repeats >= 1, got {args.rounds}, {args.repeats}")
+    if args.examples_per_client is not None and args.examples_per_client < 1:
+        parser.error(f"--examples-per-client must be >= 1, got {args.examples_per_client}")
     if args.part in ("all", "steps"):
         steps_part(args.archs, args.batch_sizes, args.steps)
     if args.part in ("all", "federation"):
-        federation_part(args.federation, args.rounds, args.precision, args.repeats)
+        federation_part(
+            args.federation, args.rounds, args.precision, args.repeats, args.examples_per_client
+        )
 
 
 if __name__ == "__main__":

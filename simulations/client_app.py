@@ -196,7 +196,7 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        entered = time.perf_counter()
+        entered, started_at = time.perf_counter(), time.time()
         cfg, work = workload(context)
         work.synced = None  # until saved: a failure below must not leave a half-trained model
         config = msg.content.config_records[p.CONFIG]
@@ -269,6 +269,9 @@ def make_client_app(config_for: Callable[[Context], ExperimentConfig]) -> Client
             "label_counts": list(work.data.label_counts),
             mc.MERGENET_SECONDS: overhead,
             "client_seconds": time.perf_counter() - entered,  # the whole message, but the reply
+            # its span on the wall clock, against the stage's (bench_train: the workers' idle time)
+            "started_at": started_at,
+            "ended_at": time.time(),
             "bf16": int(cfg.numerics().precision == "bf16"),  # what precision=auto chose here
         }
         reply = mc.answer(

@@ -29,6 +29,11 @@ from simulations.server_app import RunFailed, make_server_app, setup_logging
 
 log = logging.getLogger("simulations.run")
 
+# Every message carries its node's context, the client's model in it, to a Ray actor and back.
+# Ray moves objects above 100 KB through its object store: 8-11 ms a round trip on 2 busy
+# cores, against 1.5-5 ms inline up to 1 MB (slower inline from about 2 MB; performance.md).
+RAY_INLINE_BYTES = 1 << 20
+
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
@@ -58,15 +63,23 @@ def simulate(exp: ExperimentConfig, run_dir: Path) -> dict:
         server_app=make_server_app(lambda context: (exp, run_dir)),
         client_app=make_client_app(FixedConfig(exp)),
         num_supernodes=exp.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": exp.client_cpus, "num_gpus": exp.client_gpus}
-        },
+        backend_config=backend_config(exp),
     )
     run_file = run_dir / "run.json"
     if not run_file.exists():
         log.error("the simulation ended without results in %s; see the log above", run_dir)
         raise SystemExit(1)
     return json.loads(run_file.read_text(encoding="utf-8"))
+
+
+def backend_config(exp: ExperimentConfig) -> dict:
+    """Flower's Ray backend for ``exp``: its clients' resources, and contexts (messages, return
+    values) of up to ``RAY_INLINE_BYTES`` sent with the call rather than through Ray's object
+    store."""
+    return {
+        "client_resources": {"num_cpus": exp.client_cpus, "num_gpus": exp.client_gpus},
+        "init_args": {"_system_config": {"max_direct_call_object_size": RAY_INLINE_BYTES}},
+    }
 
 
 def check_resources(exp: ExperimentConfig) -> None:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from simulations.bench_server import run_one
+from simulations.bench_train import idle_breakdown
 
 
 def test_bench_reports_one_transfer_round():
@@ -79,7 +80,8 @@ def test_training_benchmark_prints_every_arch_batch_and_precision():
 def test_training_benchmark_runs_the_federation_and_the_plain_loop_on_the_same_images():
     cmd = [sys.executable, "-m", "simulations.bench_train", "--part", "federation"]
     proc = subprocess.run(
-        [*cmd, "--federation", "tiny_htfe", "--rounds", "2", "--repeats", "2"],
+        [*cmd, "--federation", "tiny_htfe", "--rounds", "2", "--repeats", "2"]
+        + ["--examples-per-client", "64"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -88,18 +90,39 @@ def test_training_benchmark_runs_the_federation_and_the_plain_loop_on_the_same_i
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = [json.loads(x) for x in proc.stdout.strip().splitlines()]
     assert result["federation"] == "tiny_htfe" and result["clients"] == 2
-    assert result["images"] == result["plain_images"] == 2 * 128  # round 2: one epoch each
+    assert result["examples_per_client"] == 64  # instead of tiny_htfe's 128
+    assert result["images"] == result["plain_images"] == 2 * 64  # round 2: one epoch each
     assert result["federation_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["repeats"] == 2 and len(result["ratios"]) == 2
     assert result["ratio"] == pytest.approx(sum(result["ratios"]) / 2, abs=0.002)  # their median
+    rounds = result["federation_rounds"]
+    assert rounds["wall_ms"] > 0 and 0 <= rounds["idle"] < 1
+    assert rounds["to_first_ms"] >= 0 and rounds["after_last_ms"] >= 0
 
 
-def test_training_benchmark_refuses_an_untimed_federation_before_any_work():
-    for bad in (["--rounds", "1"], ["--repeats", "0"]):
+def test_idle_breakdown_splits_a_stage_into_work_and_waits():
+    stage = {"stage_start": 100.0, "stage_end": 102.0}
+    replies = [  # two workers: one runs two messages, the other one
+        {"client_seconds": 0.9, "started_at": 100.1, "ended_at": 101.0},
+        {"client_seconds": 0.8, "started_at": 100.2, "ended_at": 101.0},
+        {"client_seconds": 0.9, "started_at": 101.05, "ended_at": 101.95},
+    ]
+    out = idle_breakdown(stage, replies, workers=2)
+    assert out["wall_ms"] == pytest.approx(2000)
+    assert out["idle"] == pytest.approx(1 - 2.6 / 4)
+    assert out["to_first_ms"] == pytest.approx(100) and out["after_last_ms"] == pytest.approx(50)
+
+
+def test_training_benchmark_refuses_bad_arguments_before_any_work():
+    for bad, error in (
+        (["--rounds", "1"], "--rounds must be >= 2 and --repeats >= 1"),
+        (["--repeats", "0"], "--rounds must be >= 2 and --repeats >= 1"),
+        (["--examples-per-client", "0"], "--examples-per-client must be >= 1"),
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "simulations.bench_train", "--part", "federation", *bad],
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert proc.returncode == 2 and "--rounds must be >= 2 and --repeats >= 1" in proc.stderr
+        assert proc.returncode == 2 and error in proc.stderr, bad

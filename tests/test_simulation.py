@@ -46,3 +46,36 @@ def test_three_heterogeneous_clients_two_rounds(tmp_path):
         run_dir / "bytes.png"
     ).stat().st_size > 0
     assert "results written to" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_ray_sends_a_context_of_up_to_one_mib_with_its_call(tmp_path):
+    """A model of up to RAY_INLINE_BYTES travels inline (nothing in Ray's object store), a
+    larger one through the store, with the init args `simulate` gives Flower's Ray backend."""
+    import numpy as np
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    from simulations.config import compose
+    from simulations.run import RAY_INLINE_BYTES, backend_config
+
+    init_args = backend_config(compose(["federation=tiny"]))["init_args"]
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", **init_args)
+    try:
+
+        @ray.remote
+        class Echo:
+            def run(self, context: np.ndarray) -> np.ndarray:
+                return context
+
+        echo = Echo.remote()
+
+        def stored_after_round_trip(nbytes: int) -> str:
+            payload = np.ones(nbytes // 4, dtype=np.float32)
+            assert ray.get(echo.run.remote(payload)).nbytes == nbytes
+            return memory_summary(stats_only=True)
+
+        assert " 0 objects" in stored_after_round_trip(RAY_INLINE_BYTES // 2)
+        assert " 0 objects" not in stored_after_round_trip(2 * RAY_INLINE_BYTES)
+    finally:
+        ray.shutdown()
