@@ -45,7 +45,9 @@ def final_metrics(run_dir: Path) -> dict:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         (x["round"], x["stage"], x["client"]): {
-            k: v for k, v in x.items() if not k.endswith("seconds")
+            k: v  # but timings and wall-clock stamps, which no two runs share
+            for k, v in x.items()
+            if not k.endswith(("seconds", "_at"))
         }
         for x in lines
         if "client" in x
