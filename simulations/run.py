@@ -30,8 +30,8 @@ from simulations.server_app import RunFailed, make_server_app, setup_logging
 log = logging.getLogger("simulations.run")
 
 # Every message carries its node's context, the client's model in it, to a Ray actor and back.
-# Ray moves objects above 100 KB through its object store: 8-11 ms a round trip on 2 busy
-# cores, against 1.5-5 ms inline up to 1 MB (slower inline from about 2 MB; performance.md).
+# Ray moves objects above 100 KB through its object store: 8-11 ms a round trip with one
+# core busy, against 1.5-5 ms inline up to 1 MB (slower inline from about 2 MB; performance.md).
 RAY_INLINE_BYTES = 1 << 20
 
 

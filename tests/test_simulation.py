@@ -49,7 +49,7 @@ def test_three_heterogeneous_clients_two_rounds(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_sends_a_context_of_up_to_one_mib_with_its_call(tmp_path):
+def test_ray_sends_a_context_of_up_to_one_mib_with_its_call():
     """A model of up to RAY_INLINE_BYTES travels inline (nothing in Ray's object store), a
     larger one through the store, with the init args `simulate` gives Flower's Ray backend."""
     import numpy as np
